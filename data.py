@@ -1,0 +1,202 @@
+"""Input pipelines: tensorflow-datasets, Fashion-MNIST from local IDX files, image folders.
+
+Every source yields uint8 images (H, W, C); `make_pipeline` resizes them, caches
+them in memory, shuffles, batches and scales them to [-1, 1] with tf.data.
+"""
+import dataclasses
+import gzip
+import os
+import socket
+import urllib.parse
+
+import numpy as np
+import tensorflow as tf
+
+from utils import UsageError
+
+TFDS_DATASETS = ('svhn_cropped', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a')
+# Where Debian's package dataset-fashion-mnist puts the original IDX files.
+DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+IDX_FILES = {'train': 'train-images-idx3-ubyte.gz', 'test': 't10k-images-idx3-ubyte.gz'}
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+TEST_FRACTION = 0.1  # of an image folder, held out as its test split
+SHUFFLE_BUFFER = 1000  # as the original
+
+
+@dataclasses.dataclass
+class Splits:
+    """Unbatched uint8 image datasets and what the model needs to know of them."""
+    train: tf.data.Dataset
+    test: tf.data.Dataset
+    num_train: int
+    num_test: int
+    channels: int
+    source: str  # a human-readable description of where the images came from
+
+
+def load(dataset, data_dir=None, seed=0):
+    """Returns the Splits of a tfds name or of a folder of PNG/JPEG images.
+
+    Raises UsageError with a one-line explanation when the data cannot be had.
+    """
+    if os.sep in dataset or os.path.isdir(dataset):
+        return load_folder(dataset, seed)
+    if dataset == 'fashion_mnist':
+        local = find_fashion_mnist(data_dir)
+        if local and not _tfds_prepared(dataset, data_dir):
+            return load_idx(local)
+    return load_tfds(dataset, data_dir)
+
+
+# ---- tensorflow-datasets ----------------------------------------------------
+
+def _tfds_builder(name, data_dir):
+    import tensorflow_datasets as tfds
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UsageError(
+            f"unknown data set '{name}': give a tensorflow-datasets name "
+            f"({', '.join(TFDS_DATASETS)}, ...) or the path of an image folder") from None
+
+
+def _tfds_prepared(name, data_dir):
+    return _tfds_builder(name, data_dir).is_prepared()
+
+
+def _reachable(url, timeout=5.0):
+    """Whether a TCP connection to the host of `url` opens within `timeout` s."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+        return True
+    except (OSError, TypeError):
+        return False
+
+
+def load_tfds(name, data_dir):
+    builder = _tfds_builder(name, data_dir)
+    if not builder.is_prepared():
+        # tfds retries unreachable downloads for minutes: ask the network first.
+        if not _reachable(builder.info.homepage):
+            raise UsageError(
+                f"data set '{name}' is not prepared in {builder.data_dir} and its source "
+                f"({builder.info.homepage}) cannot be reached: prepare it where there is "
+                f"internet (tfds build {name} --data_dir DIR) and pass --data_dir DIR, "
+                f"or pass a folder of images as --dataset")
+        builder.download_and_prepare()
+    splits = builder.info.splits
+    test_split = 'test' if 'test' in splits else 'validation'
+
+    def image(example):
+        return example['image']
+
+    def split(name):
+        return builder.as_dataset(split=name, shuffle_files=False).map(
+            image, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return Splits(split('train'), split(test_split), splits['train'].num_examples,
+                  splits[test_split].num_examples,
+                  builder.info.features['image'].shape[-1], f'tfds:{name}')
+
+
+# ---- Fashion-MNIST from IDX files --------------------------------------------
+
+def find_fashion_mnist(data_dir=None):
+    """The first folder holding the Fashion-MNIST IDX .gz files, or None."""
+    for folder in (data_dir, os.path.join(data_dir or '', 'fashion-mnist'), DEBIAN_FASHION_MNIST):
+        if folder and all(os.path.isfile(os.path.join(folder, f)) for f in IDX_FILES.values()):
+            return folder
+    return None
+
+
+def read_idx_images(path):
+    """A gzipped IDX3 file (magic 0x00000803, big-endian N, H, W) -> uint8 (N, H, W, 1)."""
+    with gzip.open(path, 'rb') as f:
+        raw = f.read()
+    magic, n, h, w = np.frombuffer(raw[:16], dtype='>u4')
+    if magic != 0x803 or len(raw) != 16 + n * h * w:
+        raise UsageError(f'{path} is not an IDX3 uint8 image file')
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w, 1)
+
+
+def load_idx(folder):
+    train, test = (read_idx_images(os.path.join(folder, IDX_FILES[s])) for s in ('train', 'test'))
+    return Splits(tf.data.Dataset.from_tensor_slices(train),
+                  tf.data.Dataset.from_tensor_slices(test),
+                  len(train), len(test), 1, f'idx:{folder}')
+
+
+# ---- a folder of the user's images ------------------------------------------
+
+def list_images(folder):
+    files = []
+    for root, _, names in os.walk(folder):
+        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(files)
+
+
+def load_folder(folder, seed=0):
+    """PNG/JPEG files under `folder`; a seeded 10% of them is the test split.
+
+    Images are read with the channel count of the first file (1 for grayscale,
+    3 otherwise; others are converted); sizes may differ (they are resized).
+    """
+    if not os.path.isdir(folder):
+        raise UsageError(f"image folder '{folder}' does not exist")
+    files = list_images(folder)
+    if len(files) < 2:
+        raise UsageError(f"image folder '{folder}' holds {len(files)} PNG/JPEG files; "
+                         f"it needs at least 2 (a train and a test image)")
+    from PIL import Image
+    with Image.open(files[0]) as first:
+        channels = 1 if first.mode in ('1', 'L', 'I', 'I;16', 'F') else 3
+    order = np.random.default_rng(seed).permutation(len(files))
+    num_test = max(1, int(round(TEST_FRACTION * len(files))))
+    test_files = [files[i] for i in order[:num_test]]
+    train_files = [files[i] for i in order[num_test:]]
+
+    def decode(path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                                   expand_animations=False)
+        return tf.ensure_shape(image, (None, None, channels))
+
+    def split(paths):
+        return tf.data.Dataset.from_tensor_slices(paths).map(
+            decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return Splits(split(train_files), split(test_files), len(train_files), len(test_files),
+                  channels, f'folder:{folder}')
+
+
+# ---- the pipeline -----------------------------------------------------------
+
+def to_unit_range(images):
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return tf.cast(images, tf.float32) / 127.5 - 1.0
+
+
+def to_uint8(images):
+    """float [-1, 1] -> uint8 [0, 255], rounded and clipped (NumPy)."""
+    return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_pipeline(images, image_size, batch_size, shuffle_seed=None, drop_remainder=True):
+    """uint8 images -> batches (B, S, S, C) of float32 in [-1, 1].
+
+    The resized uint8 images are cached in memory, so only the first pass decodes.
+    Train batches are shuffled (buffer 1000, a fresh order each epoch) and drop
+    the remainder, as the original; pass shuffle_seed=None for a test pipeline.
+    """
+    def resize(image):
+        if image.shape[0] == image_size and image.shape[1] == image_size:
+            return image
+        image = tf.image.resize(image, (image_size, image_size))  # bilinear, as the original
+        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+    ds = images.map(resize, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if shuffle_seed is not None:
+        ds = ds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.map(to_unit_range, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,380 @@
+"""Trains a sigma-VAE: python train.py --experiment_name sigma --model sigma
+
+Writes under <output_dir>/<experiment_name>/: config.json, checkpoints/,
+logs/ (TensorBoard), images/ (prior samples and reconstructions, named by step)
+and metrics.jsonl (one row of test-split metrics per epoch). Running the same
+command again resumes from the latest checkpoint.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+import losses  # noqa: E402
+import models  # noqa: E402
+import utils  # noqa: E402
+from utils import UsageError  # noqa: E402
+
+# Changing one of these changes the model: a run that differs in them is refused on resume.
+MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size')
+NUM_SAMPLES = 100  # a 10x10 grid of prior samples
+NUM_RECONSTRUCTIONS = 50  # test images, shown beside their reconstructions in a 10x10 grid
+REFRESH_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of a run; the defaults are the original code's."""
+    model: str = 'sigma'
+    experiment_name: Optional[str] = None  # defaults to the model's name
+    output_dir: str = 'output'
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    z_dim: int = 20
+    dataset: str = 'svhn_cropped'
+    data_dir: Optional[str] = None
+    image_size: int = 28
+    seed: int = 0
+    sample_every: int = 1000
+    max_steps: Optional[int] = None
+    beta: float = 1.0
+    log_sigma_min: Optional[float] = -6.0
+    xla: bool = False
+
+    @property
+    def run_dir(self):
+        return os.path.join(self.output_dir, self.experiment_name)
+
+
+def _log_sigma_min(text):
+    if text.lower() in ('none', 'off'):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got '{text}'") from None
+
+
+def make_parser():
+    d = Config()
+    p = argparse.ArgumentParser(
+        description='Train a VAE with a learned, optimal or fixed decoder variance (sigma-VAE).',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', choices=sorted(losses.MODELS), default=d.model,
+                   help='decoder likelihood: averaged MSE, sigma=1, learned shared sigma, or batch-optimal sigma')
+    p.add_argument('--experiment_name', default=d.experiment_name,
+                   help='name of the run folder under --output_dir; None means the model name')
+    p.add_argument('--output_dir', default=d.output_dir, help='folder that holds the run folders')
+    p.add_argument('--epochs', '--epoch', dest='epochs', type=int, default=d.epochs,
+                   help='passes over the training split')
+    p.add_argument('--batch_size', type=int, default=d.batch_size, help='images per training step')
+    p.add_argument('--lr', type=float, default=d.lr, help='Adam learning rate')
+    p.add_argument('--z_dim', type=int, default=d.z_dim, help='latent dimensions')
+    p.add_argument('--dataset', default=d.dataset,
+                   help='tensorflow-datasets name (svhn_cropped, mnist, fashion_mnist, cifar10, '
+                        'celeb_a) or the path of a folder of PNG/JPEG images')
+    p.add_argument('--data_dir', default=d.data_dir,
+                   help='tensorflow-datasets data folder (or one holding the Fashion-MNIST IDX files)')
+    p.add_argument('--image_size', type=int, choices=sorted(models.ARCHITECTURES),
+                   default=d.image_size, help='images are resized to this square size')
+    p.add_argument('--seed', type=int, default=d.seed, help='seed of weights, noise and shuffling')
+    p.add_argument('--sample_every', type=int, default=d.sample_every,
+                   help='steps between sample and reconstruction grids (also written each epoch)')
+    p.add_argument('--max_steps', type=int, default=d.max_steps,
+                   help='stop after this many steps in all, even mid-epoch (demos, tests)')
+    p.add_argument('--beta', type=float, default=d.beta, help='weight of the KL term (beta-VAE)')
+    p.add_argument('--log_sigma_min', type=_log_sigma_min, default=d.log_sigma_min,
+                   help="soft lower bound of log sigma (sigma, optimal); 'none' turns it off")
+    p.add_argument('--xla', action=argparse.BooleanOptionalAction, default=d.xla,
+                   help='compile the training step with XLA (jit_compile)')
+    return p
+
+
+def parse_args(argv=None):
+    """Command-line arguments -> a validated Config; bad values exit with status 2."""
+    parser = make_parser()
+    config = Config(**vars(parser.parse_args(argv)))
+    for name in ('epochs', 'batch_size', 'z_dim', 'sample_every', 'max_steps'):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            parser.error(f'--{name} must be positive, got {value}')
+    if not config.lr > 0 or not math.isfinite(config.lr):
+        parser.error(f'--lr must be a positive number, got {config.lr}')
+    if not config.beta >= 0 or not math.isfinite(config.beta):
+        parser.error(f'--beta must be a non-negative number, got {config.beta}')
+    if config.experiment_name is None:
+        config.experiment_name = config.model
+    name = config.experiment_name
+    if not name or name in ('.', '..') or '/' in name or os.sep in name:
+        parser.error(f"--experiment_name must be a plain name, not a path: '{name}'")
+    return config
+
+
+def check_run_dir(config):
+    """Creates the run folder; refuses to resume a checkpoint of another model."""
+    path = os.path.join(config.run_dir, 'config.json')
+    if os.path.exists(path) and tf.train.latest_checkpoint(os.path.join(config.run_dir, 'checkpoints')):
+        with open(path) as f:
+            saved = json.load(f)
+        for key in MODEL_KEYS:
+            if saved.get(key) != getattr(config, key):
+                raise UsageError(
+                    f"{config.run_dir} holds a run with --{key} {saved.get(key)}, not "
+                    f"{getattr(config, key)}: resume it with the same value, or start fresh "
+                    f"with another --experiment_name (or delete the folder)")
+    try:
+        os.makedirs(config.run_dir, exist_ok=True)
+        utils.write_text(path, json.dumps(dataclasses.asdict(config), indent=2) + '\n')
+    except OSError as e:
+        raise UsageError(f'cannot write to {config.run_dir}: {e.strerror}') from None
+
+
+class Interrupted(Exception):
+    """SIGTERM received: handled like Ctrl-C, with exit status 143."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()
+
+
+def all_finite(variables):
+    return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables)
+
+
+class Trainer:
+    """Model, optimizer, checkpoint and the compiled steps of one run."""
+
+    def __init__(self, config, channels):
+        self.config = config
+        keras.utils.set_random_seed(config.seed)
+        self.vae = models.VAE(config.image_size, channels, config.z_dim,
+                              learn_sigma=config.model == 'sigma')
+        self.optimizer = keras.optimizers.Adam(config.lr)
+        self.optimizer.build(self.vae.trainable_variables)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
+        self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.rng = tf.random.Generator.from_seed(config.seed)
+        self.prior_z = tf.Variable(
+            tf.random.stateless_normal((NUM_SAMPLES, config.z_dim), seed=[config.seed, 1]),
+            trainable=False, name='prior_z')
+        self.checkpoint = tf.train.Checkpoint(
+            vae=self.vae, optimizer=self.optimizer, step=self.step, epoch=self.epoch,
+            train_seconds=self.train_seconds, rng=self.rng, prior_z=self.prior_z)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(config.run_dir, 'checkpoints'), max_to_keep=3)
+        self.metrics = {k: keras.metrics.Mean(name=k)
+                        for k in ('loss', 'rec', 'kl', 'elbo', 'log_sigma')}
+        self.update = tf.function(self._update, jit_compile=config.xla)
+        self.train_step = tf.function(self._train_step)
+        self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
+
+    def restore(self):
+        """Restores the latest checkpoint, if any; returns its path or None."""
+        path = self.manager.latest_checkpoint
+        if path:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        return path
+
+    def save(self):
+        """Checkpoints the run unless a weight is non-finite; returns the path or None."""
+        if not all_finite(self.vae.weights):
+            return None
+        return self.manager.save(checkpoint_number=self.step)
+
+    def test_log_sigma(self):
+        """The decoder's sigma at test time: 1 (mse, gaussian), learned, or averaged sigma*."""
+        model, vae = self.config.model, self.vae
+        if model == 'sigma':
+            return losses.clip_log_sigma(vae.log_sigma, self.config.log_sigma_min)
+        if model == 'optimal':
+            return vae.average_log_sigma()
+        return tf.constant(0.0)
+
+    def _update(self, x):
+        """One Adam step on a batch x (B, S, S, C); returns per-image stats in nats."""
+        c = self.config
+        eps = self.rng.normal((tf.shape(x)[0], c.z_dim))
+        with tf.GradientTape() as tape:
+            x_hat, mu, log_var = self.vae(x, eps, training=True)
+            loss, _, _, log_sigma = losses.vae_loss(
+                c.model, x, x_hat, mu, log_var, self.vae.log_sigma if c.model == 'sigma' else None,
+                c.beta, c.log_sigma_min)
+        variables = self.vae.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        if c.model == 'optimal':
+            self.vae.update_sigma2_average(log_sigma)
+        rec, kl = losses.negative_elbo(x, x_hat, mu, log_var, log_sigma)
+        rec, kl = tf.reduce_mean(rec), tf.reduce_mean(kl)
+        return {'loss': rec + c.beta * kl, 'rec': rec, 'kl': kl, 'elbo': -(rec + kl),
+                'log_sigma': log_sigma}
+
+    def _train_step(self, x):
+        stats = self.update(x)
+        self.step.assign_add(1)
+        for name, value in stats.items():
+            self.metrics[name].update_state(value)
+            tf.summary.scalar('train/' + name, value, step=self.step)
+        return stats
+
+    def _eval_step(self, x, seed):
+        """Sums over a test batch: (-ELBO nats, squared error of z = mu, images)."""
+        eps = tf.random.stateless_normal((tf.shape(x)[0], self.config.z_dim), seed=seed)
+        x_hat, mu, log_var = self.vae(x, eps, training=False)
+        rec, kl = losses.negative_elbo(x, x_hat, mu, log_var, self.test_log_sigma())
+        x_mean = self.vae.decoder(mu, training=False)
+        return (tf.reduce_sum(rec + kl), tf.reduce_sum(tf.square(x - x_mean)),
+                tf.cast(tf.shape(x)[0], tf.float32))
+
+    def evaluate(self, test_ds):
+        """Test-split -ELBO per image (nats), bits/dim on the 0-255 scale and MSE per value."""
+        nats = sq = n = 0.0
+        for i, x in enumerate(test_ds):
+            a, b, c = self.eval_step(x, tf.constant([self.config.seed, i], tf.int64))
+            nats, sq, n = nats + float(a), sq + float(b), n + float(c)
+        num_values = int(np.prod(x.shape[1:]))
+        nats /= n
+        return {'test_neg_elbo': nats, 'test_bits_per_dim': losses.bits_per_dim(nats, num_values),
+                'test_mse': sq / (n * num_values)}
+
+    def write_images(self, recon_inputs):
+        step = int(self.step)
+        folder = os.path.join(self.config.run_dir, 'images')
+        os.makedirs(folder, exist_ok=True)
+        samples = data.to_uint8(self.vae.decoder(self.prior_z, training=False))
+        utils.save_png(os.path.join(folder, f'samples_{step:08d}.png'), utils.image_grid(samples, 10, 10))
+        recons = self.vae(recon_inputs, training=False)[0]
+        pairs = utils.side_by_side(data.to_uint8(recon_inputs), data.to_uint8(recons))
+        utils.save_png(os.path.join(folder, f'reconstructions_{step:08d}.png'),
+                       utils.image_grid(pairs, 10, 10))
+
+
+def train(config):
+    """Trains (or resumes) the run that `config` describes; returns the last metrics row."""
+    check_run_dir(config)
+    splits = data.load(config.dataset, config.data_dir, config.seed)
+    steps_per_epoch = splits.num_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f'{splits.source} has {splits.num_train} training images, '
+                         f'fewer than one batch of {config.batch_size}')
+    train_ds = data.make_pipeline(splits.train, config.image_size, config.batch_size,
+                                  shuffle_seed=config.seed)
+    test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
+                                 drop_remainder=False)
+    recon_inputs = next(iter(test_ds.unbatch().batch(NUM_RECONSTRUCTIONS)))
+
+    trainer = Trainer(config, splits.channels)
+    restored = trainer.restore()
+    step = int(trainer.step)
+    metrics_path = os.path.join(config.run_dir, 'metrics.jsonl')
+    # Rows written after the checkpoint we resume from would be written again: drop them.
+    rows = [r for r in utils.read_jsonl(metrics_path) if r['step'] <= step]
+    utils.write_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in rows))
+
+    total = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    print(f'{splits.source}: {splits.num_train} train / {splits.num_test} test images, '
+          f'{splits.channels} channel(s) at {config.image_size}x{config.image_size}; '
+          f'{steps_per_epoch} steps per epoch; model {config.model}, '
+          f'{trainer.vae.count_params()} parameters; run folder {config.run_dir}')
+    if restored:
+        print(f'resumed from {restored} at step {step}, epoch {step / steps_per_epoch:.2f}')
+    if step >= total:
+        print(f'nothing to do: step {step} of {total} reached (raise --epochs or --max_steps)')
+        return rows[-1] if rows else None
+
+    writer = tf.summary.create_file_writer(os.path.join(config.run_dir, 'logs'))
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    bar = tqdm(total=total, initial=step, unit='step', dynamic_ncols=True, desc=config.experiment_name)
+    row = rows[-1] if rows else None
+    try:
+        with writer.as_default():
+            while step < total:
+                chunk = min(steps_per_epoch - step % steps_per_epoch, total - step)
+                for m in trainer.metrics.values():
+                    m.reset_state()
+                start = time.time()
+                for x in train_ds.take(chunk):
+                    stats = trainer.train_step(x)
+                    step += 1
+                    bar.update(1)
+                    if step % REFRESH_EVERY == 0 or step % steps_per_epoch == 0:
+                        check_finite(stats, step)
+                        bar.set_postfix({k: f'{float(m.result()):.4g}'
+                                         for k, m in trainer.metrics.items() if k != 'elbo'})
+                    if step % config.sample_every == 0:
+                        trainer.write_images(recon_inputs)
+                check_finite(stats, step)
+                trainer.train_seconds.assign_add(time.time() - start)
+                trainer.epoch.assign(step // steps_per_epoch)
+                row = end_of_chunk(trainer, test_ds, recon_inputs, step, steps_per_epoch,
+                                   time.time() - start, metrics_path)
+                bar.write(' '.join(f'{k} {v:.5g}' if isinstance(v, float) else f'{k} {v}'
+                                   for k, v in row.items()))
+    except (KeyboardInterrupt, Interrupted) as e:
+        bar.close()
+        path = trainer.save()
+        print(f'\ninterrupted at step {int(trainer.step)}; '
+              + (f'saved {path}' if path else 'weights not finite: nothing saved'), file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Interrupted) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        writer.flush()
+    bar.close()
+    return row
+
+
+def end_of_chunk(trainer, test_ds, recon_inputs, step, steps_per_epoch, seconds, metrics_path):
+    """Evaluates, writes grids and a metrics row, then checkpoints."""
+    row = {'step': step, 'epoch': round(step / steps_per_epoch, 4),
+           'wall_time': time.time(), 'train_seconds': round(float(trainer.train_seconds), 2),
+           'chunk_seconds': round(seconds, 2)}
+    row.update({'train_' + k: float(m.result()) for k, m in trainer.metrics.items()})
+    row.update(trainer.evaluate(test_ds))
+    row['log_sigma'] = float(trainer.test_log_sigma())
+    for key in ('test_neg_elbo', 'test_bits_per_dim', 'test_mse', 'log_sigma'):
+        tf.summary.scalar('test/' + key, row[key], step=step)
+    trainer.write_images(recon_inputs)
+    utils.append_jsonl(metrics_path, row)
+    trainer.save()
+    return row
+
+
+class Diverged(UsageError):
+    """The loss went non-finite."""
+
+
+def check_finite(stats, step):
+    bad = [k for k, v in stats.items() if not np.isfinite(float(v))]
+    if bad:
+        raise Diverged(f"training diverged at step {step}: {', '.join(bad)} not finite; "
+                       f"the last checkpoint holds the last good weights (try a lower --lr)")
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    try:
+        train(config)
+    except UsageError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 1 if isinstance(e, Diverged) else 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

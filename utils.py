@@ -1,0 +1,84 @@
+"""Small helpers: errors for the CLI, image grids, atomic file writes."""
+import json
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+
+class UsageError(Exception):
+    """Bad input from the user: the CLI prints its message on one line, exit code 2."""
+
+
+def image_grid(images, rows, cols):
+    """(N, H, W, C) uint8 with N <= rows * cols -> one (rows*H, cols*W, C) image.
+
+    Images fill the grid row by row; missing cells stay black.
+    """
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    if n > rows * cols:
+        raise ValueError(f'{n} images do not fit a {rows}x{cols} grid')
+    grid = np.zeros((rows * h, cols * w, c), images.dtype)
+    for i, image in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
+    return grid
+
+
+def side_by_side(inputs, reconstructions):
+    """Interleaves two (N, H, W, C) arrays: input 0, reconstruction 0, input 1, ..."""
+    pairs = np.stack([inputs, reconstructions], axis=1)
+    return pairs.reshape((-1,) + pairs.shape[2:])
+
+
+def _atomic_write(path, write):
+    """Calls write(tmp_path) and renames the file into place, so no reader sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_png(path, image):
+    """Writes a (H, W, 1 or 3) uint8 array as a PNG, atomically."""
+    image = np.asarray(image)
+    if image.shape[-1] == 1:
+        image = image[..., 0]
+    _atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format='PNG'))
+
+
+def write_text(path, text):
+    """Writes a text file atomically."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+def read_jsonl(path):
+    """The complete JSON lines of a file ([] if it does not exist); a torn last line is dropped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def append_jsonl(path, row):
+    with open(path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
