@@ -84,7 +84,9 @@ def load_tfds(name, data_dir):
                 f"data set '{name}' is not prepared in {builder.data_dir} and its source "
                 f"({builder.info.homepage}) cannot be reached: prepare it where there is "
                 f"internet (tfds build {name} --data_dir DIR) and pass --data_dir DIR, "
-                f"or pass a folder of images as --dataset")
+                f"or pass a folder of images as --dataset"
+                + (f" (Fashion-MNIST: apt-get install dataset-fashion-mnist puts its files in "
+                   f"{DEBIAN_FASHION_MNIST})" if name == 'fashion_mnist' else ''))
         builder.download_and_prepare()
     splits = builder.info.splits
     test_split = 'test' if 'test' in splits else 'validation'
