@@ -3,14 +3,17 @@
 Every source yields uint8 images (H, W, C); `make_pipeline` resizes them, caches
 them in memory, shuffles, batches and scales them to [-1, 1] with tf.data.
 """
+import concurrent.futures
 import dataclasses
 import gzip
 import os
 import socket
+import sys
 import urllib.parse
 
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from utils import UsageError
 
@@ -19,6 +22,7 @@ TFDS_DATASETS = ('svhn_cropped', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a')
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 IDX_FILES = {'train': 'train-images-idx3-ubyte.gz', 'test': 't10k-images-idx3-ubyte.gz'}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')  # PIL modes read as one channel
 TEST_FRACTION = 0.1  # of an image folder, held out as its test split
 SHUFFLE_BUFFER = 1000  # as the original
 
@@ -34,13 +38,13 @@ class Splits:
     source: str  # a human-readable description of where the images came from
 
 
-def load(dataset, data_dir=None, seed=0):
+def load(dataset, data_dir=None, image_size=28, seed=0):
     """Returns the Splits of a tfds name or of a folder of PNG/JPEG images.
 
     Raises UsageError with a one-line explanation when the data cannot be had.
     """
     if os.sep in dataset or os.path.isdir(dataset):
-        return load_folder(dataset, seed)
+        return load_folder(dataset, image_size, seed)
     if dataset == 'fashion_mnist':
         local = find_fashion_mnist(data_dir)
         if local and not _tfds_prepared(dataset, data_dir):
@@ -139,37 +143,53 @@ def list_images(folder):
     return sorted(files)
 
 
-def load_folder(folder, seed=0):
-    """PNG/JPEG files under `folder`; a seeded 10% of them is the test split.
+def _read_image(path, mode, size):
+    """One file -> uint8 (size, size, C) in `mode` ('L' or 'RGB'), or the error it raised."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode).resize((size, size), Image.BILINEAR)
+            return np.asarray(image, np.uint8).reshape(size, size, -1)
+    except Exception as e:  # PIL raises many kinds for broken files
+        return e
 
-    Images are read with the channel count of the first file (1 for grayscale,
-    3 otherwise; others are converted); sizes may differ (they are resized).
+
+def load_folder(folder, image_size, seed=0):
+    """PNG/JPEG files under `folder`, read into memory at image_size; a seeded 10% is the test split.
+
+    The run is grayscale if every file is, RGB otherwise (grayscale and RGBA files are
+    converted, alpha dropped); files of any size are resized. Files that cannot be
+    decoded are skipped with one warning that counts them.
     """
+    from PIL import Image
     if not os.path.isdir(folder):
         raise UsageError(f"image folder '{folder}' does not exist")
     files = list_images(folder)
-    if len(files) < 2:
-        raise UsageError(f"image folder '{folder}' holds {len(files)} PNG/JPEG files; "
+    modes = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                modes.append(image.mode)
+        except Exception:
+            modes.append(None)
+    mode = 'L' if all(m in GRAY_MODES for m in modes if m is not None) else 'RGB'
+    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        results = list(tqdm(pool.map(lambda p: _read_image(p, mode, image_size), files),
+                            total=len(files), desc='reading images', unit='file',
+                            disable=len(files) < 1000, leave=False))
+    bad = [(p, r) for p, r in zip(files, results) if isinstance(r, Exception)]
+    if bad:
+        print(f'warning: skipped {len(bad)} of {len(files)} image files that could not be read, '
+              f'e.g. {bad[0][0]} ({type(bad[0][1]).__name__}: {bad[0][1]})', file=sys.stderr)
+    images = [r for r in results if not isinstance(r, Exception)]
+    if len(images) < 2:
+        raise UsageError(f"image folder '{folder}' holds {len(images)} readable PNG/JPEG files; "
                          f"it needs at least 2 (a train and a test image)")
-    from PIL import Image
-    with Image.open(files[0]) as first:
-        channels = 1 if first.mode in ('1', 'L', 'I', 'I;16', 'F') else 3
-    order = np.random.default_rng(seed).permutation(len(files))
-    num_test = max(1, int(round(TEST_FRACTION * len(files))))
-    test_files = [files[i] for i in order[:num_test]]
-    train_files = [files[i] for i in order[num_test:]]
-
-    def decode(path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
-                                   expand_animations=False)
-        return tf.ensure_shape(image, (None, None, channels))
-
-    def split(paths):
-        return tf.data.Dataset.from_tensor_slices(paths).map(
-            decode, num_parallel_calls=tf.data.AUTOTUNE)
-
-    return Splits(split(train_files), split(test_files), len(train_files), len(test_files),
-                  channels, f'folder:{folder}')
+    images = np.stack(images)[np.random.default_rng(seed).permutation(len(images))]
+    num_test = max(1, int(round(TEST_FRACTION * len(images))))
+    return Splits(tf.data.Dataset.from_tensor_slices(images[num_test:]),
+                  tf.data.Dataset.from_tensor_slices(images[:num_test]),
+                  len(images) - num_test, num_test, images.shape[-1], f'folder:{folder}')
 
 
 # ---- the pipeline -----------------------------------------------------------

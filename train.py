@@ -51,6 +51,7 @@ class Config:
     seed: int = 0
     sample_every: int = 1000
     max_steps: Optional[int] = None
+    checkpoint_every: Optional[int] = None  # steps; None: at each epoch's end only
     beta: float = 1.0
     log_sigma_min: Optional[float] = -6.0
     xla: bool = False
@@ -96,6 +97,8 @@ def make_parser():
                    help='steps between sample and reconstruction grids (also written each epoch)')
     p.add_argument('--max_steps', type=int, default=d.max_steps,
                    help='stop after this many steps in all, even mid-epoch (demos, tests)')
+    p.add_argument('--checkpoint_every', type=int, default=d.checkpoint_every,
+                   help="steps between checkpoints besides each epoch's end (at most this much work is lost to a kill)")
     p.add_argument('--beta', type=float, default=d.beta, help='weight of the KL term (beta-VAE)')
     p.add_argument('--log_sigma_min', type=_log_sigma_min, default=d.log_sigma_min,
                    help="soft lower bound of log sigma (sigma, optimal); 'none' turns it off")
@@ -108,7 +111,7 @@ def parse_args(argv=None):
     """Command-line arguments -> a validated Config; bad values exit with status 2."""
     parser = make_parser()
     config = Config(**vars(parser.parse_args(argv)))
-    for name in ('epochs', 'batch_size', 'z_dim', 'sample_every', 'max_steps'):
+    for name in ('epochs', 'batch_size', 'z_dim', 'sample_every', 'max_steps', 'checkpoint_every'):
         value = getattr(config, name)
         if value is not None and value <= 0:
             parser.error(f'--{name} must be positive, got {value}')
@@ -119,7 +122,7 @@ def parse_args(argv=None):
     if config.experiment_name is None:
         config.experiment_name = config.model
     name = config.experiment_name
-    if not name or name in ('.', '..') or '/' in name or os.sep in name:
+    if not name or name == '.' or '..' in name or '/' in name or os.sep in name:
         parser.error(f"--experiment_name must be a plain name, not a path: '{name}'")
     return config
 
@@ -138,9 +141,14 @@ def check_run_dir(config):
                     f"with another --experiment_name (or delete the folder)")
     try:
         os.makedirs(config.run_dir, exist_ok=True)
+        utils.remove_temporary_files(config.run_dir)
         utils.write_text(path, json.dumps(dataclasses.asdict(config), indent=2) + '\n')
     except OSError as e:
         raise UsageError(f'cannot write to {config.run_dir}: {e.strerror}') from None
+
+
+class Diverged(UsageError):
+    """The loss or the weights went non-finite (exit status 1)."""
 
 
 class Interrupted(Exception):
@@ -184,17 +192,27 @@ class Trainer:
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
 
     def restore(self):
-        """Restores the latest checkpoint, if any; returns its path or None."""
+        """Restores the latest checkpoint, if any; returns its path or None.
+
+        The learning rate is the one given now, not the saved one.
+        """
         path = self.manager.latest_checkpoint
         if path:
             self.checkpoint.restore(path).assert_existing_objects_matched()
+            self.optimizer.learning_rate.assign(self.config.lr)
         return path
 
     def save(self):
-        """Checkpoints the run unless a weight is non-finite; returns the path or None."""
+        """Checkpoints the run; raises Diverged, saving nothing, if a weight is not finite."""
         if not all_finite(self.vae.weights):
-            return None
+            raise Diverged(f'training diverged at step {int(self.step)}: weights not finite; '
+                           + self.last_good())
         return self.manager.save(checkpoint_number=self.step)
+
+    def last_good(self):
+        path = self.manager.latest_checkpoint
+        return (f'{path} holds the last good weights' if path else 'no checkpoint was written') + \
+            ' (try a lower --lr)'
 
     def test_log_sigma(self):
         """The decoder's sigma at test time: 1 (mse, gaussian), learned, or averaged sigma*."""
@@ -266,7 +284,7 @@ class Trainer:
 def train(config):
     """Trains (or resumes) the run that `config` describes; returns the last metrics row."""
     check_run_dir(config)
-    splits = data.load(config.dataset, config.data_dir, config.seed)
+    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
     steps_per_epoch = splits.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f'{splits.source} has {splits.num_train} training images, '
@@ -308,19 +326,25 @@ def train(config):
                 chunk = min(steps_per_epoch - step % steps_per_epoch, total - step)
                 for m in trainer.metrics.values():
                     m.reset_state()
-                start = time.time()
+                start = tick = time.time()
                 for x in train_ds.take(chunk):
                     stats = trainer.train_step(x)
                     step += 1
                     bar.update(1)
                     if step % REFRESH_EVERY == 0 or step % steps_per_epoch == 0:
-                        check_finite(stats, step)
+                        check_finite(stats, step, trainer)
                         bar.set_postfix({k: f'{float(m.result()):.4g}'
                                          for k, m in trainer.metrics.items() if k != 'elbo'})
                     if step % config.sample_every == 0:
                         trainer.write_images(recon_inputs)
-                check_finite(stats, step)
-                trainer.train_seconds.assign_add(time.time() - start)
+                    if (config.checkpoint_every and step % config.checkpoint_every == 0
+                            and step % steps_per_epoch and step < total):
+                        check_finite(stats, step, trainer)
+                        trainer.train_seconds.assign_add(time.time() - tick)
+                        tick = time.time()
+                        trainer.save()
+                check_finite(stats, step, trainer)
+                trainer.train_seconds.assign_add(time.time() - tick)
                 trainer.epoch.assign(step // steps_per_epoch)
                 row = end_of_chunk(trainer, test_ds, recon_inputs, step, steps_per_epoch,
                                    time.time() - start, metrics_path)
@@ -329,13 +353,12 @@ def train(config):
     except (KeyboardInterrupt, Interrupted) as e:
         bar.close()
         path = trainer.save()
-        print(f'\ninterrupted at step {int(trainer.step)}; '
-              + (f'saved {path}' if path else 'weights not finite: nothing saved'), file=sys.stderr)
+        print(f'\ninterrupted at step {int(trainer.step)}; saved {path}', file=sys.stderr)
         raise SystemExit(143 if isinstance(e, Interrupted) else 130)
     finally:
+        bar.close()
         signal.signal(signal.SIGTERM, previous)
         writer.flush()
-    bar.close()
     return row
 
 
@@ -355,15 +378,11 @@ def end_of_chunk(trainer, test_ds, recon_inputs, step, steps_per_epoch, seconds,
     return row
 
 
-class Diverged(UsageError):
-    """The loss went non-finite."""
-
-
-def check_finite(stats, step):
+def check_finite(stats, step, trainer):
     bad = [k for k, v in stats.items() if not np.isfinite(float(v))]
     if bad:
         raise Diverged(f"training diverged at step {step}: {', '.join(bad)} not finite; "
-                       f"the last checkpoint holds the last good weights (try a lower --lr)")
+                       + trainer.last_good())
 
 
 def main(argv=None):

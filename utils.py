@@ -33,7 +33,7 @@ def side_by_side(inputs, reconstructions):
     return pairs.reshape((-1,) + pairs.shape[2:])
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Calls write(tmp_path) and renames the file into place, so no reader sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.splitext(path)[1])
@@ -52,7 +52,7 @@ def save_png(path, image):
     image = np.asarray(image)
     if image.shape[-1] == 1:
         image = image[..., 0]
-    _atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format='PNG'))
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format='PNG'))
 
 
 def write_text(path, text):
@@ -60,7 +60,7 @@ def write_text(path, text):
     def write(tmp):
         with open(tmp, 'w') as f:
             f.write(text)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def read_jsonl(path):
@@ -82,3 +82,11 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + '\n')
         f.flush()
         os.fsync(f.fileno())
+
+
+def remove_temporary_files(folder):
+    """Deletes what atomic_write leaves behind when a process is killed mid-write."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name.startswith('.tmp-'):
+                os.remove(os.path.join(root, name))
