@@ -1,11 +1,13 @@
 """Input pipelines: tensorflow-datasets, Fashion-MNIST from local IDX files, image folders.
 
 Every source yields uint8 images (H, W, C); `make_pipeline` resizes them, caches
-them in memory, shuffles, batches and scales them to [-1, 1] with tf.data.
+them in memory, shuffles, batches and scales them to the run's data range with tf.data:
+[-1, 1] as the original TF code (default), or [0, 1] as its PyTorch sibling.
 """
 import concurrent.futures
 import dataclasses
 import gzip
+import math
 import os
 import socket
 import sys
@@ -25,6 +27,7 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')  # PIL modes read as one channel
 TEST_FRACTION = 0.1  # of an image folder, held out as its test split
 SHUFFLE_BUFFER = 1000  # as the original
+DATA_RANGES = {'-1,1': (-1.0, 1.0), '0,1': (0.0, 1.0)}  # --data_range -> (low, high)
 
 
 @dataclasses.dataclass
@@ -194,18 +197,28 @@ def load_folder(folder, image_size, seed=0):
 
 # ---- the pipeline -----------------------------------------------------------
 
-def to_unit_range(images):
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return tf.cast(images, tf.float32) / 127.5 - 1.0
+def to_range(images, data_range='-1,1'):
+    """uint8 [0, 255] -> float32 in the data range ([-1, 1] or [0, 1])."""
+    low, high = DATA_RANGES[data_range]
+    return tf.cast(images, tf.float32) * ((high - low) / 255.0) + low
 
 
-def to_uint8(images):
-    """float [-1, 1] -> uint8 [0, 255], rounded and clipped (NumPy)."""
-    return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+def to_uint8(images, data_range='-1,1'):
+    """float in the data range -> uint8 [0, 255], rounded and clipped (NumPy)."""
+    low, high = DATA_RANGES[data_range]
+    pixels = (np.asarray(images, np.float64) - low) * (255.0 / (high - low))
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
-def make_pipeline(images, image_size, batch_size, shuffle_seed=None, drop_remainder=True):
-    """uint8 images -> batches (B, S, S, C) of float32 in [-1, 1].
+def log_scale(data_range='-1,1'):
+    """ln of the factor from the data range to 0-255: ln 127.5 for [-1, 1], ln 255 for [0, 1]."""
+    low, high = DATA_RANGES[data_range]
+    return math.log(255.0 / (high - low))
+
+
+def make_pipeline(images, image_size, batch_size, shuffle_seed=None, drop_remainder=True,
+                  data_range='-1,1'):
+    """uint8 images -> batches (B, S, S, C) of float32 in the data range.
 
     The resized uint8 images are cached in memory, so only the first pass decodes.
     Train batches are shuffled (buffer 1000, a fresh order each epoch) and drop
@@ -221,4 +234,5 @@ def make_pipeline(images, image_size, batch_size, shuffle_seed=None, drop_remain
     if shuffle_seed is not None:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    return ds.map(to_unit_range, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return ds.map(lambda x: to_range(x, data_range),
+                  num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

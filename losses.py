@@ -169,9 +169,10 @@ def negative_elbo(x, x_hat, mu, log_var, log_sigma):
 
 
 def bits_per_dim(nats, num_values, log_scale=math.log(127.5)):
-    """Nats per image of data in [-1, 1] -> bits per value on the 0-255 scale.
+    """Nats per image -> bits per value on the 0-255 scale.
 
     Mapping [-1, 1] to [0, 255] multiplies by 127.5, which divides the density
-    by 127.5 per value: (nats + D ln 127.5) / (D ln 2).
+    by 127.5 per value: (nats + D ln 127.5) / (D ln 2). For data in [0, 1] pass
+    log_scale = ln 255.
     """
     return (nats + num_values * log_scale) / (num_values * math.log(2.0))

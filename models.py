@@ -9,6 +9,8 @@ For 28x28 images (MNIST, Fashion-MNIST, the original's resized SVHN):
 
 32x32 (CIFAR-10, SVHN at full size) and 64x64 (CelebA) add one and two more
 stride-2 levels, doubling the filters each level (256, 512), down to 4x4.
+The decoder's output activation is tanh for data in [-1, 1] (the original) and
+sigmoid for data in [0, 1] (the PyTorch sibling).
 """
 import keras
 import tensorflow as tf
@@ -16,6 +18,7 @@ from keras import layers
 
 # image size -> (number of stride-2 levels, spatial size at the bottom)
 ARCHITECTURES = {28: (2, 7), 32: (3, 4), 64: (4, 4)}
+OUTPUT_ACTIVATIONS = {'-1,1': 'tanh', '0,1': 'sigmoid'}  # --data_range -> decoder output
 LEAKY_SLOPE = 0.2  # tf.nn.leaky_relu's default, as in the original
 
 
@@ -37,8 +40,8 @@ def make_encoder(image_size, channels, z_dim):
     return keras.Model(inputs, [mu, log_var], name='encoder')
 
 
-def make_decoder(image_size, channels, z_dim):
-    """(B, z_dim) -> (B, S, S, C) decoder mean in [-1, 1] (tanh)."""
+def make_decoder(image_size, channels, z_dim, activation='tanh'):
+    """(B, z_dim) -> (B, S, S, C) decoder mean ([-1, 1] with tanh, [0, 1] with sigmoid)."""
     levels, base = ARCHITECTURES[image_size]
     filters = _filters(levels)[::-1]
     z = inputs = keras.Input((z_dim,))
@@ -48,7 +51,7 @@ def make_decoder(image_size, channels, z_dim):
         x = layers.Conv2DTranspose(f, 5, strides=2, padding='same')(x)
         x = layers.BatchNormalization()(x)
         x = layers.ReLU()(x)
-    x = layers.Conv2DTranspose(channels, 5, strides=2, padding='same', activation='tanh')(x)
+    x = layers.Conv2DTranspose(channels, 5, strides=2, padding='same', activation=activation)(x)
     return keras.Model(inputs, x, name='decoder')
 
 
@@ -61,11 +64,12 @@ class VAE(keras.Model):
       `optimal` model's training sigma*^2, the sigma used at test time.
     """
 
-    def __init__(self, image_size, channels, z_dim, learn_sigma=False, **kwargs):
+    def __init__(self, image_size, channels, z_dim, learn_sigma=False, data_range='-1,1',
+                 **kwargs):
         super().__init__(**kwargs)
         self.z_dim = z_dim
         self.encoder = make_encoder(image_size, channels, z_dim)
-        self.decoder = make_decoder(image_size, channels, z_dim)
+        self.decoder = make_decoder(image_size, channels, z_dim, OUTPUT_ACTIVATIONS[data_range])
         self.log_sigma = self.add_weight(
             shape=(), initializer='zeros', trainable=learn_sigma, name='log_sigma')
         self.sigma2_avg = self.add_weight(

@@ -29,7 +29,7 @@ import utils  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 # Changing one of these changes the model: a run that differs in them is refused on resume.
-MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size')
+MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range')
 NUM_SAMPLES = 100  # a 10x10 grid of prior samples
 NUM_RECONSTRUCTIONS = 50  # test images, shown beside their reconstructions in a 10x10 grid
 REFRESH_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
@@ -48,6 +48,7 @@ class Config:
     dataset: str = 'svhn_cropped'
     data_dir: Optional[str] = None
     image_size: int = 28
+    data_range: str = '-1,1'  # '-1,1' with tanh (the original), '0,1' with sigmoid (PyTorch sibling)
     seed: int = 0
     sample_every: int = 1000
     max_steps: Optional[int] = None
@@ -73,7 +74,7 @@ def _log_sigma_min(text):
 def make_parser():
     d = Config()
     p = argparse.ArgumentParser(
-        description='Train a VAE with a learned, optimal or fixed decoder variance (sigma-VAE).',
+        prog='train.py', description='Train a VAE with a learned, optimal or fixed decoder variance (sigma-VAE).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--model', choices=sorted(losses.MODELS), default=d.model,
                    help='decoder likelihood: averaged MSE, sigma=1, learned shared sigma, or batch-optimal sigma')
@@ -92,6 +93,9 @@ def make_parser():
                    help='tensorflow-datasets data folder (or one holding the Fashion-MNIST IDX files)')
     p.add_argument('--image_size', type=int, choices=sorted(models.ARCHITECTURES),
                    default=d.image_size, help='images are resized to this square size')
+    p.add_argument('--data_range', choices=sorted(data.DATA_RANGES), default=d.data_range,
+                   help='pixel scale and decoder output: -1,1 with tanh (TF original) or 0,1 with sigmoid '
+                        '(PyTorch sibling); write --data_range=-1,1 with "="')
     p.add_argument('--seed', type=int, default=d.seed, help='seed of weights, noise and shuffling')
     p.add_argument('--sample_every', type=int, default=d.sample_every,
                    help='steps between sample and reconstruction grids (also written each epoch)')
@@ -170,7 +174,7 @@ class Trainer:
         self.config = config
         keras.utils.set_random_seed(config.seed)
         self.vae = models.VAE(config.image_size, channels, config.z_dim,
-                              learn_sigma=config.model == 'sigma')
+                              learn_sigma=config.model == 'sigma', data_range=config.data_range)
         self.optimizer = keras.optimizers.Adam(config.lr)
         self.optimizer.build(self.vae.trainable_variables)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
@@ -266,17 +270,20 @@ class Trainer:
             nats, sq, n = nats + float(a), sq + float(b), n + float(c)
         num_values = int(np.prod(x.shape[1:]))
         nats /= n
-        return {'test_neg_elbo': nats, 'test_bits_per_dim': losses.bits_per_dim(nats, num_values),
+        bpd = losses.bits_per_dim(nats, num_values, data.log_scale(self.config.data_range))
+        return {'test_neg_elbo': nats, 'test_bits_per_dim': bpd,
                 'test_mse': sq / (n * num_values)}
 
     def write_images(self, recon_inputs):
         step = int(self.step)
         folder = os.path.join(self.config.run_dir, 'images')
         os.makedirs(folder, exist_ok=True)
-        samples = data.to_uint8(self.vae.decoder(self.prior_z, training=False))
+        data_range = self.config.data_range
+        samples = data.to_uint8(self.vae.decoder(self.prior_z, training=False), data_range)
         utils.save_png(os.path.join(folder, f'samples_{step:08d}.png'), utils.image_grid(samples, 10, 10))
         recons = self.vae(recon_inputs, training=False)[0]
-        pairs = utils.side_by_side(data.to_uint8(recon_inputs), data.to_uint8(recons))
+        pairs = utils.side_by_side(data.to_uint8(recon_inputs, data_range),
+                                   data.to_uint8(recons, data_range))
         utils.save_png(os.path.join(folder, f'reconstructions_{step:08d}.png'),
                        utils.image_grid(pairs, 10, 10))
 
@@ -290,9 +297,9 @@ def train(config):
         raise UsageError(f'{splits.source} has {splits.num_train} training images, '
                          f'fewer than one batch of {config.batch_size}')
     train_ds = data.make_pipeline(splits.train, config.image_size, config.batch_size,
-                                  shuffle_seed=config.seed)
+                                  shuffle_seed=config.seed, data_range=config.data_range)
     test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
-                                 drop_remainder=False)
+                                 drop_remainder=False, data_range=config.data_range)
     recon_inputs = next(iter(test_ds.unbatch().batch(NUM_RECONSTRUCTIONS)))
 
     trainer = Trainer(config, splits.channels)

@@ -176,7 +176,7 @@ def test_bad_flags_exit_2_with_one_line(argv, words, capsys):
 
 
 @pytest.mark.parametrize('flag, value', [('--model', 'optimal'), ('--z_dim', '5'),
-                                          ('--image_size', '32')])
+                                          ('--image_size', '32'), ('--data_range', '0,1')])
 def test_resuming_another_model_is_refused(image_folder, tmp_path, capsys, flag, value):
     args = ['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name', 'r',
             '--max_steps', '1'] + TINY

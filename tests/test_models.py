@@ -38,3 +38,10 @@ def test_sigma2_average_is_debiased():
     for _ in range(3):
         vae.update_sigma2_average(tf.constant(np.log(0.25), tf.float32))
     assert float(vae.average_log_sigma()) == pytest.approx(np.log(0.25), rel=1e-5)
+
+
+def test_zero_one_range_uses_a_sigmoid_output():
+    vae = models.VAE(28, 1, z_dim=3, data_range='0,1')
+    x_hat = vae.decoder(tf.random.normal((64, 3)) * 10).numpy()
+    assert x_hat.min() >= 0.0 and x_hat.max() <= 1.0 and x_hat.min() < 0.5
+    assert vae.decoder.layers[-1].activation.__name__ == 'sigmoid'

@@ -1,10 +1,12 @@
 """End to end through the CLI on a tiny generated image folder."""
 import gzip
 import json
+import math
 import os
 import time
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
@@ -85,13 +87,31 @@ def test_fashion_mnist_idx_files(tmp_path):
     batch = next(iter(data.make_pipeline(splits.test, 28, 10)))
     np.testing.assert_allclose(
         np.sort(batch.numpy().ravel()),
-        np.sort(data.to_unit_range(np.asarray(list(splits.test.as_numpy_iterator()))).numpy().ravel()))
+        np.sort(data.to_range(np.asarray(list(splits.test.as_numpy_iterator()))).numpy().ravel()))
     assert batch.numpy().min() >= -1 and batch.numpy().max() <= 1
 
 
-def test_pixel_scaling_round_trips():
-    pixels = np.arange(256, dtype=np.uint8)
-    scaled = data.to_unit_range(pixels).numpy()
-    assert scaled[0] == -1.0 and scaled[-1] == 1.0
-    np.testing.assert_array_equal(data.to_uint8(scaled), pixels)
+@pytest.mark.parametrize('data_range, low, high', [('-1,1', -1.0, 1.0), ('0,1', 0.0, 1.0)])
+def test_both_ranges_round_trip_pixels(data_range, low, high):
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    scaled = data.to_range(pixels, data_range).numpy()
+    assert scaled.min() == low and scaled.max() == high
+    np.testing.assert_allclose(scaled, low + pixels / 255.0 * (high - low), atol=1e-6)
+    np.testing.assert_array_equal(data.to_uint8(scaled, data_range), pixels)
 
+
+def test_log_scale_of_each_range():
+    assert data.log_scale('-1,1') == pytest.approx(math.log(127.5))
+    assert data.log_scale('0,1') == pytest.approx(math.log(255.0))
+
+
+@pytest.mark.parametrize('data_range', ['-1,1', '0,1'])
+def test_a_run_on_each_range_shows_the_inputs_unchanged(image_folder, tmp_path, data_range):
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path),
+                f'--data_range={data_range}', '--max_steps', '2'] + TINY) == 0
+    test_images = np.stack(list(data.load(image_folder, 28, seed=1).test.as_numpy_iterator()))
+    grid = np.asarray(Image.open(tmp_path / 'sigma' / 'images' / 'reconstructions_00000002.png'))
+    cells = grid.reshape(10, 28, 10, 28).transpose(0, 2, 1, 3).reshape(100, 28, 28)
+    np.testing.assert_array_equal(cells[0:2 * len(test_images):2], test_images[..., 0])
+    config = json.load(open(tmp_path / 'sigma' / 'config.json'))
+    assert config['data_range'] == data_range
