@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import urllib.parse
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -23,6 +24,7 @@ TFDS_DATASETS = ('svhn_cropped', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a')
 # Where Debian's package dataset-fashion-mnist puts the original IDX files.
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 IDX_FILES = {'train': 'train-images-idx3-ubyte.gz', 'test': 't10k-images-idx3-ubyte.gz'}
+IDX_LABELS = {'train': 'train-labels-idx1-ubyte.gz', 'test': 't10k-labels-idx1-ubyte.gz'}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')  # PIL modes read as one channel
 TEST_FRACTION = 0.1  # of an image folder, held out as its test split
@@ -32,13 +34,20 @@ DATA_RANGES = {'-1,1': (-1.0, 1.0), '0,1': (0.0, 1.0)}  # --data_range -> (low, 
 
 @dataclasses.dataclass
 class Splits:
-    """Unbatched uint8 image datasets and what the model needs to know of them."""
+    """Unbatched uint8 image datasets and what the model needs to know of them.
+
+    train_labels / test_labels yield the class of each image in the same order
+    (None when the source has no labels); only the evaluation's classifier uses them.
+    """
     train: tf.data.Dataset
     test: tf.data.Dataset
     num_train: int
     num_test: int
     channels: int
     source: str  # a human-readable description of where the images came from
+    train_labels: Optional[tf.data.Dataset] = None
+    test_labels: Optional[tf.data.Dataset] = None
+    num_classes: int = 0
 
 
 def load(dataset, data_dir=None, image_size=28, seed=0):
@@ -98,16 +107,19 @@ def load_tfds(name, data_dir):
     splits = builder.info.splits
     test_split = 'test' if 'test' in splits else 'validation'
 
-    def image(example):
-        return example['image']
+    features = builder.info.features
 
-    def split(name):
+    def split(name, key):
         return builder.as_dataset(split=name, shuffle_files=False).map(
-            image, num_parallel_calls=tf.data.AUTOTUNE)
+            lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE)
 
-    return Splits(split('train'), split(test_split), splits['train'].num_examples,
-                  splits[test_split].num_examples,
-                  builder.info.features['image'].shape[-1], f'tfds:{name}')
+    labelled = 'label' in features
+    return Splits(split('train', 'image'), split(test_split, 'image'),
+                  splits['train'].num_examples, splits[test_split].num_examples,
+                  features['image'].shape[-1], f'tfds:{name}',
+                  split('train', 'label') if labelled else None,
+                  split(test_split, 'label') if labelled else None,
+                  features['label'].num_classes if labelled else 0)
 
 
 # ---- Fashion-MNIST from IDX files --------------------------------------------
@@ -120,21 +132,31 @@ def find_fashion_mnist(data_dir=None):
     return None
 
 
-def read_idx_images(path):
-    """A gzipped IDX3 file (magic 0x00000803, big-endian N, H, W) -> uint8 (N, H, W, 1)."""
+def read_idx(path):
+    """A gzipped IDX file of uint8: images (magic 0x803; N, H, W) -> (N, H, W, 1),
+    labels (magic 0x801; N) -> (N,). Dimensions are big-endian uint32."""
     with gzip.open(path, 'rb') as f:
         raw = f.read()
-    magic, n, h, w = np.frombuffer(raw[:16], dtype='>u4')
-    if magic != 0x803 or len(raw) != 16 + n * h * w:
-        raise UsageError(f'{path} is not an IDX3 uint8 image file')
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w, 1)
+    magic = int(np.frombuffer(raw[:4], dtype='>u4')[0])
+    ndim = {0x801: 1, 0x803: 3}.get(magic)
+    shape = tuple(int(d) for d in np.frombuffer(raw[4:4 + 4 * (ndim or 0)], dtype='>u4'))
+    if ndim is None or len(raw) != 4 + 4 * ndim + int(np.prod(shape)):
+        raise UsageError(f'{path} is not an IDX uint8 image or label file')
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return data[..., None] if ndim == 3 else data
 
 
 def load_idx(folder):
-    train, test = (read_idx_images(os.path.join(folder, IDX_FILES[s])) for s in ('train', 'test'))
+    train, test = (read_idx(os.path.join(folder, IDX_FILES[s])) for s in ('train', 'test'))
+    labels = [os.path.join(folder, IDX_LABELS[s]) for s in ('train', 'test')]
+    train_y = test_y = None
+    if all(os.path.isfile(p) for p in labels):
+        train_y, test_y = (tf.data.Dataset.from_tensor_slices(read_idx(p).astype(np.int64))
+                           for p in labels)
     return Splits(tf.data.Dataset.from_tensor_slices(train),
                   tf.data.Dataset.from_tensor_slices(test),
-                  len(train), len(test), 1, f'idx:{folder}')
+                  len(train), len(test), 1, f'idx:{folder}', train_y, test_y,
+                  10 if train_y is not None else 0)
 
 
 # ---- a folder of the user's images ------------------------------------------
@@ -184,15 +206,25 @@ def load_folder(folder, image_size, seed=0):
     if bad:
         print(f'warning: skipped {len(bad)} of {len(files)} image files that could not be read, '
               f'e.g. {bad[0][0]} ({type(bad[0][1]).__name__}: {bad[0][1]})', file=sys.stderr)
-    images = [r for r in results if not isinstance(r, Exception)]
-    if len(images) < 2:
-        raise UsageError(f"image folder '{folder}' holds {len(images)} readable PNG/JPEG files; "
+    kept = [(p, r) for p, r in zip(files, results) if not isinstance(r, Exception)]
+    if len(kept) < 2:
+        raise UsageError(f"image folder '{folder}' holds {len(kept)} readable PNG/JPEG files; "
                          f"it needs at least 2 (a train and a test image)")
-    images = np.stack(images)[np.random.default_rng(seed).permutation(len(images))]
+    order = np.random.default_rng(seed).permutation(len(kept))
+    images = np.stack([kept[i][1] for i in order])
+    # The first-level subfolder of each file is its class (used only by the evaluation).
+    classes = [os.path.relpath(kept[i][0], folder).split(os.sep)[0] for i in order]
+    classes = [c if os.path.isdir(os.path.join(folder, c)) else '' for c in classes]
+    names = sorted(set(classes))
+    labels = np.array([names.index(c) for c in classes], np.int64)
     num_test = max(1, int(round(TEST_FRACTION * len(images))))
+    has_labels = len(names) > 1
     return Splits(tf.data.Dataset.from_tensor_slices(images[num_test:]),
                   tf.data.Dataset.from_tensor_slices(images[:num_test]),
-                  len(images) - num_test, num_test, images.shape[-1], f'folder:{folder}')
+                  len(images) - num_test, num_test, images.shape[-1], f'folder:{folder}',
+                  tf.data.Dataset.from_tensor_slices(labels[num_test:]) if has_labels else None,
+                  tf.data.Dataset.from_tensor_slices(labels[:num_test]) if has_labels else None,
+                  len(names) if has_labels else 0)
 
 
 # ---- the pipeline -----------------------------------------------------------

@@ -168,6 +168,28 @@ def negative_elbo(x, x_hat, mu, log_var, log_sigma):
     return rec, kl_divergence(mu, log_var)
 
 
+def log_normal(z, mu, log_var):
+    """log N(z; mu, diag(exp(log_var))) summed over the last axis: (..., Z) -> (...)."""
+    return -0.5 * tf.reduce_sum(LOG_2PI + log_var + tf.square(z - mu) * tf.exp(-log_var), axis=-1)
+
+
+def log_importance_weights(x, x_hat, z, mu, log_var, log_sigma):
+    """log w = log p(x|z) + log p(z) - log q(z|x) for one z per example.
+
+    Args:
+      x, x_hat: (B, H, W, C) data and the decoder mean of z.
+      z, mu, log_var: (B, Z) the sample and the encoder's q(z|x).
+      log_sigma: the decoder's scalar log sigma.
+    Returns:
+      (B,). With K samples, -(logsumexp_k log w_k - log K) is the importance-weighted
+      bound on -log p(x) (Burda et al. 2016): for K = 1 it is the single-sample -ELBO,
+      and it does not increase (in expectation) as K grows.
+    """
+    log_px_z = -tf.reduce_sum(gaussian_nll(x, x_hat, log_sigma), axis=tf.range(1, tf.rank(x)))
+    zeros = tf.zeros_like(z)
+    return log_px_z + log_normal(z, zeros, zeros) - log_normal(z, mu, log_var)
+
+
 def bits_per_dim(nats, num_values, log_scale=math.log(127.5)):
     """Nats per image -> bits per value on the 0-255 scale.
 

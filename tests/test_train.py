@@ -80,7 +80,7 @@ def test_fashion_mnist_idx_files(tmp_path):
     train_images = rng.integers(0, 256, (20, 28, 28))
     write_idx(tmp_path / data.IDX_FILES['train'], train_images)
     write_idx(tmp_path / data.IDX_FILES['test'], rng.integers(0, 256, (10, 28, 28)))
-    np.testing.assert_array_equal(data.read_idx_images(tmp_path / data.IDX_FILES['train']),
+    np.testing.assert_array_equal(data.read_idx(tmp_path / data.IDX_FILES['train']),
                                   train_images[..., None])
     splits = data.load('fashion_mnist', str(tmp_path))
     assert (splits.num_train, splits.num_test, splits.channels) == (20, 10, 1)

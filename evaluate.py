@@ -1,0 +1,305 @@
+"""Evaluates a trained run on its test split: python evaluate.py --run output/sigma
+
+Reports the -ELBO, an importance-weighted estimate of -log p(x) with K samples,
+bits/dim, the test MSE, and the FID between N prior samples and N test images,
+with features from a small classifier trained on the data set's own labels
+(offline; trained once and cached) or Keras' InceptionV3. Writes
+<run>/evaluation.json and, with --export, the N samples as samples.npz and PNGs.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+import losses  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+from utils import UsageError  # noqa: E402
+
+FEATURE_EXTRACTORS = ('domain', 'inception', 'none')
+CLASSIFIER_EPOCHS = 3
+INCEPTION_SIZE = 299
+
+
+# ---- the Frechet distance ---------------------------------------------------
+
+def feature_statistics(features):
+    """(N, F) -> mean (F,) and covariance (F, F), in float64."""
+    features = np.asarray(features, np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _sqrt_psd(matrix):
+    """The symmetric square root of a symmetric positive semi-definite matrix."""
+    w, v = np.linalg.eigh(matrix)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + tr(C1) + tr(C2) - 2 tr((C1^1/2 C2 C1^1/2)^1/2).
+
+    C1^1/2 C2 C1^1/2 is symmetric PSD and has the eigenvalues of C1 C2, so the trace of
+    the square root comes from two symmetric eigendecompositions (no SciPy).
+    """
+    root1 = _sqrt_psd(cov1)
+    middle = root1 @ cov2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * trace_sqrt)
+
+
+# ---- feature extractors: uint8 images (N, S, S, C) -> features (N, F) ---------
+
+def _classifier(image_size, channels, num_classes):
+    inputs = keras.Input((image_size, image_size, channels))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    for filters in (32, 64, 128):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding='same', activation='relu')(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(128, activation='relu', name='features')(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+
+
+def _labelled_arrays(images, labels, image_size):
+    pixels = data.make_pipeline(images, image_size, 1024, drop_remainder=False, data_range='0,1')
+    x = np.concatenate([data.to_uint8(b, '0,1') for b in pixels])
+    y = np.concatenate([b.numpy() for b in labels.batch(4096)])
+    return x, y
+
+
+def domain_features(splits, config, cache_dir):
+    """A feature function from the penultimate layer of a classifier of the data set's labels.
+
+    The classifier is trained once per data set, size and channel count and cached in
+    cache_dir; returns (function, info dict with its test accuracy).
+    """
+    if splits.train_labels is None:
+        raise UsageError(f'{splits.source} has no class labels, which the domain features need '
+                         f'(for an image folder: one subfolder per class); use --features inception')
+    key = ''.join(c if c.isalnum() else '_' for c in config.dataset.strip(os.sep))
+    path = os.path.join(cache_dir, f'{key}_{config.image_size}px_{splits.channels}c.keras')
+    test_x, test_y = _labelled_arrays(splits.test, splits.test_labels, config.image_size)
+    if os.path.exists(path):
+        model = keras.models.load_model(path)
+    else:
+        train_x, train_y = _labelled_arrays(splits.train, splits.train_labels, config.image_size)
+        keras.utils.set_random_seed(0)
+        model = _classifier(config.image_size, splits.channels, splits.num_classes)
+        model.compile(keras.optimizers.Adam(1e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        print(f'training the domain feature classifier ({CLASSIFIER_EPOCHS} epochs), cached as {path}')
+        model.fit(train_x, train_y, batch_size=128, epochs=CLASSIFIER_EPOCHS, verbose=2)
+        os.makedirs(cache_dir, exist_ok=True)
+        utils.atomic_write(path, model.save)
+    accuracy = float(np.mean(np.argmax(model.predict(test_x, 1024, verbose=0), -1) == test_y))
+    features = keras.Model(model.inputs, model.get_layer('features').output)
+    return (lambda x: features.predict(x, batch_size=512, verbose=0)), {
+        'classifier': path, 'classifier_test_accuracy': accuracy}
+
+
+def inception_features(weights):
+    """InceptionV3 pool features (ImageNet weights; not the pytorch-fid weights)."""
+    try:
+        model = keras.applications.InceptionV3(include_top=False, pooling='avg',
+                                               weights=weights or 'imagenet')
+    except Exception as e:  # an offline download fails with one of many errors
+        raise UsageError('cannot load the InceptionV3 ImageNet weights '
+                         f'({type(e).__name__}); offline, download '
+                         'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 elsewhere '
+                         'and pass it as --inception_weights') from None
+
+    def extract(x):
+        out = []
+        for i in range(0, len(x), 64):
+            batch = tf.cast(x[i:i + 64], tf.float32)
+            if batch.shape[-1] == 1:
+                batch = tf.image.grayscale_to_rgb(batch)
+            batch = tf.image.resize(batch, (INCEPTION_SIZE, INCEPTION_SIZE))
+            out.append(model(keras.applications.inception_v3.preprocess_input(batch)).numpy())
+        return np.concatenate(out)
+
+    return extract, {'inception_weights': weights or 'imagenet (Keras)'}
+
+
+# ---- the model's numbers ------------------------------------------------------
+
+def importance_weighted_nll(trainer, test_ds, num_samples, max_images=None, seed=0):
+    """-log p(x) per image (nats), estimated with num_samples importance samples of q(z|x)."""
+    vae, z_dim = trainer.vae, trainer.config.z_dim
+    log_sigma = trainer.test_log_sigma()
+
+    @tf.function(reduce_retracing=True)
+    def log_weights(x, seed):
+        """(K, B) log w for a batch x (B, ...) and K = num_samples."""
+        mu, log_var = vae.encoder(x, training=False)
+        b = tf.shape(x)[0]
+        eps = tf.random.stateless_normal((num_samples, b, z_dim), seed=seed)
+        z = mu + tf.exp(0.5 * log_var) * eps
+        x_hat = vae.decoder(tf.reshape(z, (-1, z_dim)), training=False)
+        repeat = lambda t: tf.reshape(tf.tile(t[None], [num_samples] + [1] * len(t.shape)),
+                                      (-1,) + tuple(t.shape[1:]))
+        log_w = losses.log_importance_weights(repeat(x), x_hat, tf.reshape(z, (-1, z_dim)),
+                                              repeat(mu), repeat(log_var), log_sigma)
+        return tf.reshape(log_w, (num_samples, b))
+
+    total = seen = 0
+    # Batches small enough that K decoder passes per image fit in memory.
+    per_batch = max(1, 4096 // num_samples)
+    images = test_ds.unbatch()
+    if max_images:
+        images = images.take(max_images)
+    for i, x in enumerate(tqdm(images.batch(per_batch), desc=f'IW-NLL, K={num_samples}',
+                               unit='batch', leave=False)):
+        log_w = log_weights(x, tf.constant([seed, i], tf.int64))
+        nll = -(tf.reduce_logsumexp(log_w, axis=0) - math.log(num_samples))
+        total += float(tf.reduce_sum(nll))
+        seen += int(x.shape[0])
+    return total / seen, seen
+
+
+def prior_samples(trainer, n, seed=0):
+    """n decoded samples of z ~ N(0, I) as uint8 (fixed seed)."""
+    z = tf.random.stateless_normal((n, trainer.config.z_dim), seed=[seed, 2])
+    out = [trainer.vae.decoder(z[i:i + 500], training=False) for i in range(0, n, 500)]
+    return data.to_uint8(np.concatenate(out), trainer.config.data_range)
+
+
+def export_samples(folder, samples, data_range):
+    """samples.npz (uint8 'images', with their range) and one PNG per sample."""
+    npz = os.path.join(folder, 'samples.npz')
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            np.savez_compressed(f, images=samples, pixel_range=np.array('uint8 0-255'),
+                                model_data_range=np.array(data_range))
+    utils.atomic_write(npz, write)
+    png_dir = os.path.join(folder, 'samples_png')
+    os.makedirs(png_dir, exist_ok=True)
+    for i, image in enumerate(samples):
+        utils.save_png(os.path.join(png_dir, f'{i:06d}.png'), image)
+    return npz, png_dir
+
+
+def load_run(run_dir):
+    """(config, splits, trainer) of a run folder, restored from its latest checkpoint."""
+    path = os.path.join(run_dir, 'config.json')
+    if not os.path.exists(path):
+        raise UsageError(f'{run_dir} is not a run folder (no config.json)')
+    with open(path) as f:
+        saved = json.load(f)
+    config = train.Config(**{k: v for k, v in saved.items() if k in train.Config.__dataclass_fields__})
+    config.output_dir, config.experiment_name = os.path.split(os.path.normpath(run_dir))
+    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    trainer = train.Trainer(config, splits.channels)
+    if not trainer.restore():
+        raise UsageError(f'{run_dir} has no checkpoint to evaluate')
+    return config, splits, trainer
+
+
+def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, features='domain',
+                 inception_weights=None, export=False, feature_cache=None):
+    """All the numbers of one run; also written to <run_dir>/evaluation.json."""
+    start = time.time()
+    config, splits, trainer = load_run(run_dir)
+    test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
+                                 drop_remainder=False, data_range=config.data_range)
+    result = {'run': run_dir, 'model': config.model, 'beta': config.beta,
+              'data_range': config.data_range, 'step': int(trainer.step),
+              'train_seconds': round(float(trainer.train_seconds), 1)}
+    result.update(trainer.evaluate(test_ds))
+    result['log_sigma'] = float(trainer.test_log_sigma())
+    num_values = config.image_size ** 2 * splits.channels
+    nll, seen = importance_weighted_nll(trainer, test_ds, iw_samples, iw_images, config.seed)
+    result.update({'iw_nll': nll, 'iw_bits_per_dim': losses.bits_per_dim(
+        nll, num_values, data.log_scale(config.data_range)), 'iw_samples': iw_samples,
+        'iw_images': seen})
+
+    n = min(fid_samples, splits.num_test)
+    if n < fid_samples:
+        print(f'the test split has {splits.num_test} images: the FID uses {n} of each',
+              file=sys.stderr)
+    samples = prior_samples(trainer, n, config.seed)
+    if export:
+        result['export'] = export_samples(run_dir, samples, config.data_range)
+    if features != 'none':
+        result.update(fid(splits, config, test_ds, samples, features, inception_weights,
+                          feature_cache))
+    result['eval_seconds'] = round(time.time() - start, 1)
+    utils.write_text(os.path.join(run_dir, 'evaluation.json'), json.dumps(result, indent=2) + '\n')
+    return result
+
+
+def fid(splits, config, test_ds, samples, features, inception_weights=None, feature_cache=None):
+    """The FID between the samples and as many test images, and what the features were."""
+    n = len(samples)
+    if n < 2:
+        raise UsageError('the FID needs at least 2 test images')
+    if features == 'domain':
+        extract, info = domain_features(
+            splits, config, feature_cache or os.path.join(config.output_dir, 'feature_extractors'))
+    else:
+        extract, info = inception_features(inception_weights)
+    real = np.concatenate([data.to_uint8(b, config.data_range)
+                           for b in test_ds.unbatch().take(n).batch(1000)])
+    distance = frechet_distance(*feature_statistics(extract(samples)),
+                                *feature_statistics(extract(real)))
+    return {f'fid_{features}': distance, 'fid_samples': n, **info}
+
+
+def make_parser():
+    p = argparse.ArgumentParser(prog='evaluate.py', description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--run', required=True, help='the run folder, e.g. output/sigma')
+    p.add_argument('--iw_samples', type=int, default=1000, help='K, importance samples per image')
+    p.add_argument('--iw_images', type=int, default=None,
+                   help='test images for the IW estimate (None: the whole test split)')
+    p.add_argument('--fid_samples', type=int, default=10000,
+                   help='N, prior samples and test images for the FID')
+    p.add_argument('--features', choices=FEATURE_EXTRACTORS, default='domain',
+                   help="FID features: a classifier of the data set's labels, or InceptionV3")
+    p.add_argument('--inception_weights', default=None,
+                   help='InceptionV3 no-top weights file (.h5); default: Keras downloads them')
+    p.add_argument('--export', action='store_true',
+                   help='write the N samples as samples.npz and samples_png/ in the run folder')
+    return p
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    for name in ('iw_samples', 'iw_images', 'fid_samples'):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f'--{name} must be positive, got {value}')
+    if args.fid_samples < 2:
+        parser.error('--fid_samples must be at least 2 (a covariance needs two samples)')
+    return args
+
+
+def print_table(result):
+    for key, value in result.items():
+        print(f'{key:28s} {value:.6g}' if isinstance(value, float) else f'{key:28s} {value}')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        result = evaluate_run(args.run, args.iw_samples, args.iw_images, args.fid_samples,
+                              args.features, args.inception_weights, args.export)
+    except UsageError as e:
+        print(f'evaluate.py: error: {e}', file=sys.stderr)
+        return 2
+    print_table(result)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
