@@ -1,0 +1,141 @@
+"""evaluate.py and compare.py against closed forms, NumPy references and a tiny run."""
+import json
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import compare
+import data
+import evaluate
+import losses
+from conftest import TINY, run
+
+RNG = np.random.default_rng(0)
+
+
+def random_cov(f, rng):
+    a = rng.normal(size=(f, 2 * f))
+    return a @ a.T / (2 * f)
+
+
+def test_frechet_distance_of_identical_sets_is_zero():
+    features = RNG.normal(size=(500, 8))
+    stats = evaluate.feature_statistics(features)
+    assert abs(evaluate.frechet_distance(*stats, *stats)) < 1e-8
+
+
+def test_frechet_distance_of_a_mean_shift_is_its_squared_norm():
+    mu, cov = RNG.normal(size=6), random_cov(6, RNG)
+    shift = RNG.normal(size=6)
+    assert evaluate.frechet_distance(mu, cov, mu + shift, cov) == pytest.approx(
+        np.sum(shift ** 2), abs=1e-8)
+
+
+def test_frechet_distance_closed_form_for_commuting_covariances():
+    # C = Q diag(a) Q^T and Q diag(b) Q^T: the distance is |dmu|^2 + sum (sqrt a - sqrt b)^2.
+    q, _ = np.linalg.qr(RNG.normal(size=(5, 5)))
+    a, b = RNG.uniform(0.1, 3, 5), RNG.uniform(0.1, 3, 5)
+    mu1, mu2 = RNG.normal(size=5), RNG.normal(size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = evaluate.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_general_against_the_eigenvalues_of_the_product():
+    c1, c2 = random_cov(7, RNG), random_cov(7, RNG)
+    # tr sqrt(C1 C2) = sum of the square roots of the (real, non-negative) eigenvalues of C1 C2.
+    trace_sqrt = np.sum(np.sqrt(np.abs(np.linalg.eigvals(c1 @ c2).real)))
+    expected = np.trace(c1) + np.trace(c2) - 2 * trace_sqrt
+    assert evaluate.frechet_distance(np.zeros(7), c1, np.zeros(7), c2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_log_importance_weights_match_numpy():
+    b, d, z_dim = 3, 12, 4
+    x, x_hat = RNG.normal(size=(b, 2, 2, 3)), RNG.normal(size=(b, 2, 2, 3))
+    mu, log_var, z = (RNG.normal(size=(b, z_dim)) for _ in range(3))
+    log_sigma = -0.7
+    log_px = -np.sum(0.5 * ((x - x_hat) / np.exp(log_sigma)) ** 2 + log_sigma
+                     + 0.5 * np.log(2 * np.pi), axis=(1, 2, 3))
+    log_pz = -0.5 * np.sum(z ** 2 + np.log(2 * np.pi), axis=1)
+    log_qz = -0.5 * np.sum((z - mu) ** 2 / np.exp(log_var) + log_var + np.log(2 * np.pi), axis=1)
+    got = losses.log_importance_weights(*(tf.constant(v, tf.float64) for v in (x, x_hat, z, mu, log_var)),
+                                        tf.constant(log_sigma, tf.float64))
+    np.testing.assert_allclose(got.numpy(), log_px + log_pz - log_qz, rtol=1e-10)
+
+
+@pytest.fixture(scope='module')
+def trained_run(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs')
+    assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', 'r',
+                '--model', 'optimal', '--max_steps', '3'] + TINY) == 0
+    return str(out / 'r')
+
+
+def test_iw_nll_with_one_sample_is_the_single_sample_elbo(trained_run):
+    config, splits, trainer = evaluate.load_run(trained_run)
+    test_ds = data.make_pipeline(splits.test, 28, 8, drop_remainder=False)
+    got, seen = evaluate.importance_weighted_nll(trainer, test_ds, 1, seed=5)
+    # The same z by hand: the batches hold 4096 images, so there is one, with seed [5, 0].
+    x = next(iter(test_ds.unbatch().batch(4096)))
+    mu, log_var = trainer.vae.encoder(x, training=False)
+    z = mu + tf.exp(0.5 * log_var) * tf.random.stateless_normal((1,) + mu.shape, seed=[5, 0])[0]
+    rec, _ = losses.negative_elbo(x, trainer.vae.decoder(z, training=False), mu, log_var,
+                                  trainer.test_log_sigma())
+    kl_one_sample = losses.log_normal(z, mu, log_var) - losses.log_normal(z, 0.0 * z, 0.0 * z)
+    assert seen == splits.num_test
+    assert got == pytest.approx(float(tf.reduce_mean(rec + kl_one_sample)), rel=1e-5)
+
+
+def test_iw_nll_does_not_increase_with_k(trained_run):
+    _, splits, trainer = evaluate.load_run(trained_run)
+    train_ds = data.make_pipeline(splits.train, 28, 8, drop_remainder=False)
+    nll = [evaluate.importance_weighted_nll(trainer, train_ds, k)[0] for k in (1, 10, 100)]
+    assert nll[0] >= nll[1] >= nll[2], nll
+
+
+def test_evaluate_cli_writes_json_and_exports_samples(trained_run, capsys):
+    assert evaluate.main(['--run', trained_run, '--iw_samples', '5', '--fid_samples', '4',
+                          '--export']) == 0
+    result = json.load(open(os.path.join(trained_run, 'evaluation.json')))
+    for key in ('test_neg_elbo', 'iw_nll', 'iw_bits_per_dim', 'fid_domain', 'test_bits_per_dim'):
+        assert np.isfinite(result[key]), key
+    assert result['fid_domain'] >= 0 and result['fid_samples'] == 4
+    assert 0 <= result['classifier_test_accuracy'] <= 1
+    assert 'fid_domain' in capsys.readouterr().out
+    exported = np.load(os.path.join(trained_run, 'samples.npz'))
+    images = exported['images']
+    assert images.dtype == np.uint8 and images.shape == (4, 28, 28, 1)
+    assert str(exported['model_data_range']) == '-1,1'
+    for i, image in enumerate(images):
+        png = np.asarray(Image.open(os.path.join(trained_run, 'samples_png', f'{i:06d}.png')))
+        np.testing.assert_array_equal(png, image[..., 0])
+
+
+def test_inception_without_weights_offline_is_a_clear_error(trained_run, tmp_path, capsys):
+    start = time.time()
+    status = evaluate.main(['--run', trained_run, '--iw_samples', '2', '--fid_samples', '4',
+                            '--features', 'inception', '--inception_weights',
+                            str(tmp_path / 'missing.h5')])
+    assert status == 2 and 'cannot load the InceptionV3' in capsys.readouterr().err
+    assert time.time() - start < 60
+
+
+def test_compare_end_to_end(image_folder, tmp_path):
+    out = tmp_path / 'cmp'
+    assert compare.main(['--dataset', image_folder, '--output_dir', str(out), '--max_steps', '2',
+                         '--batch_size', '8', '--z_dim', '4', '--iw_samples', '3',
+                         '--fid_samples', '4', '--beta_vae', '0.1']) == 0
+    table = open(out / 'results.md').read()
+    for name in ('| mse |', '| gaussian |', '| sigma |', '| optimal |', '| β-VAE (β=0.1) |'):
+        assert name in table
+    results = json.load(open(out / 'results.json'))
+    assert [r['model'] for r in results] == ['mse', 'gaussian', 'sigma', 'optimal', 'gaussian']
+    assert results[-1]['beta'] == 0.1 and all(np.isfinite(r['fid']) for r in results)
+    figure = Image.open(out / 'samples.png')
+    assert figure.width >= 5 * 280 and figure.height > 280
+    assert Image.open(out / 'bits_per_dim.png').size == (600, 400)
