@@ -212,8 +212,8 @@ def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, fe
     test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
                                  drop_remainder=False, data_range=config.data_range)
     result = {'run': run_dir, 'model': config.model, 'beta': config.beta,
-              'data_range': config.data_range, 'step': int(trainer.step),
-              'train_seconds': round(float(trainer.train_seconds), 1)}
+              'data_range': config.data_range, 'step': int(trainer.step.numpy()),
+              'train_seconds': round(float(trainer.train_seconds.numpy()), 1)}
     result.update(trainer.evaluate(test_ds))
     result['log_sigma'] = float(trainer.test_log_sigma())
     num_values = config.image_size ** 2 * splits.channels

@@ -131,7 +131,8 @@ MODELS = {
 }
 
 
-def vae_loss(model, x, x_hat, mu, log_var, log_sigma=None, beta=1.0, log_sigma_min=-6.0):
+def vae_loss(model, x, x_hat, mu, log_var, log_sigma=None, beta=1.0, log_sigma_min=-6.0,
+             batch_size=None):
     """The training objective of one batch.
 
     Args:
@@ -142,6 +143,8 @@ def vae_loss(model, x, x_hat, mu, log_var, log_sigma=None, beta=1.0, log_sigma_m
         precomputed sigma* for `optimal`, ignored by the others.
       beta: weight of the KL term.
       log_sigma_min: soft lower bound of log sigma; None turns the clip off.
+      batch_size: what a 'mean' model's batch mean divides by: the global batch when
+        this batch is one replica's part of it (default: B).
     Returns:
       (loss, rec, kl, log_sigma_used), scalars with loss = rec + beta * kl.
       For 'mean' models rec and kl are means over batch and values (latent dims
@@ -151,8 +154,9 @@ def vae_loss(model, x, x_hat, mu, log_var, log_sigma=None, beta=1.0, log_sigma_m
     rec, log_sigma_used = reconstruction(x, x_hat, log_sigma, log_sigma_min)
     kl = kl_divergence(mu, log_var)
     if reduction == 'mean':
-        rec = tf.reduce_mean(rec)
-        kl = tf.reduce_mean(kl) / tf.cast(tf.shape(mu)[-1], kl.dtype)
+        n = tf.cast(tf.shape(x)[0] if batch_size is None else batch_size, rec.dtype)
+        rec = tf.reduce_sum(rec) / (n * tf.cast(tf.size(rec[0]), rec.dtype))
+        kl = tf.reduce_sum(kl) / (n * tf.cast(tf.shape(mu)[-1], kl.dtype))
     else:
         rec = tf.reduce_sum(rec)
         kl = tf.reduce_sum(kl)

@@ -9,7 +9,8 @@ For 28x28 images (MNIST, Fashion-MNIST, the original's resized SVHN):
 
 32x32 (CIFAR-10, SVHN at full size) and 64x64 (CelebA) add one and two more
 stride-2 levels, doubling the filters each level (256, 512), down to 4x4.
-The decoder's output activation is tanh for data in [-1, 1] (the original) and
+Convolutions followed by batch norm have no bias (BN's shift replaces it; the
+original's slim layers drop it too). The decoder's output activation is tanh for data in [-1, 1] (the original) and
 sigmoid for data in [0, 1] (the PyTorch sibling).
 """
 import keras
@@ -26,21 +27,22 @@ def _filters(levels):
     return [64 * 2 ** i for i in range(levels)]
 
 
-def make_encoder(image_size, channels, z_dim):
-    """(B, S, S, C) in [-1, 1] -> (mu, log_var), each (B, z_dim)."""
+def make_encoder(image_size, channels, z_dim, sync_batch_norm=False):
+    """(B, S, S, C) in [-1, 1] -> (mu, log_var), each (B, z_dim), float32."""
     levels, _ = ARCHITECTURES[image_size]
     x = inputs = keras.Input((image_size, image_size, channels))
     for filters in _filters(levels):
-        x = layers.Conv2D(filters, 5, strides=2, padding='same')(x)
-        x = layers.BatchNormalization()(x)
+        x = layers.Conv2D(filters, 5, strides=2, padding='same', use_bias=False)(x)
+        x = layers.BatchNormalization(synchronized=sync_batch_norm)(x)
         x = layers.LeakyReLU(LEAKY_SLOPE)(x)
     x = layers.Flatten()(x)
-    mu = layers.Dense(z_dim, name='mu')(x)
-    log_var = layers.Dense(z_dim, name='log_var')(x)
+    # The heads compute in float32 under mixed precision: exp(log_var) overflows float16 early.
+    mu = layers.Dense(z_dim, name='mu', dtype='float32')(x)
+    log_var = layers.Dense(z_dim, name='log_var', dtype='float32')(x)
     return keras.Model(inputs, [mu, log_var], name='encoder')
 
 
-def make_decoder(image_size, channels, z_dim, activation='tanh'):
+def make_decoder(image_size, channels, z_dim, activation='tanh', sync_batch_norm=False):
     """(B, z_dim) -> (B, S, S, C) decoder mean ([-1, 1] with tanh, [0, 1] with sigmoid)."""
     levels, base = ARCHITECTURES[image_size]
     filters = _filters(levels)[::-1]
@@ -48,10 +50,11 @@ def make_decoder(image_size, channels, z_dim, activation='tanh'):
     x = layers.Dense(base * base * filters[0], activation='relu')(z)
     x = layers.Reshape((base, base, filters[0]))(x)
     for f in filters[1:]:
-        x = layers.Conv2DTranspose(f, 5, strides=2, padding='same')(x)
-        x = layers.BatchNormalization()(x)
+        x = layers.Conv2DTranspose(f, 5, strides=2, padding='same', use_bias=False)(x)
+        x = layers.BatchNormalization(synchronized=sync_batch_norm)(x)
         x = layers.ReLU()(x)
-    x = layers.Conv2DTranspose(channels, 5, strides=2, padding='same', activation=activation)(x)
+    x = layers.Conv2DTranspose(channels, 5, strides=2, padding='same')(x)
+    x = layers.Activation(activation, dtype='float32')(x)
     return keras.Model(inputs, x, name='decoder')
 
 
@@ -61,28 +64,33 @@ class VAE(keras.Model):
     log_sigma: the `sigma` model's trainable scalar (initialised at 0; frozen for
       the other models, so that every model has the same checkpoint layout).
     sigma2_avg, sigma2_weight: a debiased exponential moving average of the
-      `optimal` model's training sigma*^2, the sigma used at test time.
+      `optimal` model's training sigma*^2, the sigma used at test time (every replica
+      sees the same global sigma*, so the first replica's update is kept).
+    sync_batch_norm: batch norm statistics over the global batch of all replicas.
     """
 
     def __init__(self, image_size, channels, z_dim, learn_sigma=False, data_range='-1,1',
-                 **kwargs):
-        super().__init__(**kwargs)
+                 sync_batch_norm=False, **kwargs):
+        # The VAE's own inputs, noise and outputs stay float32 under mixed precision; its
+        # encoder and decoder compute in the global policy's dtype.
+        super().__init__(dtype='float32', **kwargs)
         self.z_dim = z_dim
-        self.encoder = make_encoder(image_size, channels, z_dim)
-        self.decoder = make_decoder(image_size, channels, z_dim, OUTPUT_ACTIVATIONS[data_range])
-        self.log_sigma = self.add_weight(
-            shape=(), initializer='zeros', trainable=learn_sigma, name='log_sigma')
-        self.sigma2_avg = self.add_weight(
-            shape=(), initializer='zeros', trainable=False, name='sigma2_avg')
-        self.sigma2_weight = self.add_weight(
-            shape=(), initializer='zeros', trainable=False, name='sigma2_weight')
+        self.encoder = make_encoder(image_size, channels, z_dim, sync_batch_norm)
+        self.decoder = make_decoder(image_size, channels, z_dim, OUTPUT_ACTIVATIONS[data_range],
+                                    sync_batch_norm)
+        self.log_sigma = self.add_weight(shape=(), initializer='zeros', trainable=learn_sigma,
+                                         name='log_sigma', dtype='float32', autocast=False)
+        self.sigma2_avg, self.sigma2_weight = (
+            self.add_weight(shape=(), initializer='zeros', trainable=False, name=name,
+                            dtype='float32', autocast=False, aggregation='only_first_replica')
+            for name in ('sigma2_avg', 'sigma2_weight'))
         self.build((None, image_size, image_size, channels))
 
     def build(self, input_shape):
         self.built = True
 
     def call(self, x, eps=None, training=False):
-        """x (B, S, S, C) -> (x_hat, mu, log_var); z = mu when eps is None."""
+        """x (B, S, S, C) -> (x_hat, mu, log_var), float32; z = mu when eps is None."""
         mu, log_var = self.encoder(x, training=training)
         z = mu if eps is None else mu + tf.exp(0.5 * log_var) * eps
         return self.decoder(z, training=training), mu, log_var

@@ -29,7 +29,8 @@ import utils  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 # Changing one of these changes the model: a run that differs in them is refused on resume.
-MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range')
+MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'mixed_precision')
+STRATEGIES = ('default', 'mirrored', 'multi_worker')
 NUM_SAMPLES = 100  # a 10x10 grid of prior samples
 NUM_RECONSTRUCTIONS = 50  # test images, shown beside their reconstructions in a 10x10 grid
 REFRESH_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
@@ -56,6 +57,8 @@ class Config:
     beta: float = 1.0
     log_sigma_min: Optional[float] = -6.0
     xla: bool = False
+    strategy: str = 'default'  # one device; mirrored: local GPUs; multi_worker: TF_CONFIG
+    mixed_precision: bool = False
 
     @property
     def run_dir(self):
@@ -108,6 +111,11 @@ def make_parser():
                    help="soft lower bound of log sigma (sigma, optimal); 'none' turns it off")
     p.add_argument('--xla', action=argparse.BooleanOptionalAction, default=d.xla,
                    help='compile the training step with XLA (jit_compile)')
+    p.add_argument('--strategy', choices=STRATEGIES, default=d.strategy,
+                   help='tf.distribute: one device, mirrored over local GPUs, or multi_worker (TF_CONFIG)')
+    p.add_argument('--mixed_precision', action=argparse.BooleanOptionalAction,
+                   default=d.mixed_precision,
+                   help='float16 compute with loss scaling (GPUs); losses and log sigma stay float32')
     return p
 
 
@@ -131,18 +139,20 @@ def parse_args(argv=None):
     return config
 
 
-def check_run_dir(config):
+def check_run_dir(config, chief=True):
     """Creates the run folder; refuses to resume a checkpoint of another model."""
     path = os.path.join(config.run_dir, 'config.json')
     if os.path.exists(path) and tf.train.latest_checkpoint(os.path.join(config.run_dir, 'checkpoints')):
         with open(path) as f:
             saved = json.load(f)
         for key in MODEL_KEYS:
-            if saved.get(key) != getattr(config, key):
+            if saved.get(key, getattr(Config(), key)) != getattr(config, key):
                 raise UsageError(
                     f"{config.run_dir} holds a run with --{key} {saved.get(key)}, not "
                     f"{getattr(config, key)}: resume it with the same value, or start fresh "
                     f"with another --experiment_name (or delete the folder)")
+    if not chief:
+        return
     try:
         os.makedirs(config.run_dir, exist_ok=True)
         utils.remove_temporary_files(config.run_dir)
@@ -167,28 +177,62 @@ def all_finite(variables):
     return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables)
 
 
-class Trainer:
-    """Model, optimizer, checkpoint and the compiled steps of one run."""
+def make_strategy(name):
+    """The tf.distribute strategy of --strategy."""
+    if name == 'mirrored':
+        return tf.distribute.MirroredStrategy()
+    if name == 'multi_worker':
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
 
-    def __init__(self, config, channels):
+
+def is_chief(strategy):
+    """Whether this process writes files: the only one, the chief, or worker 0 without a chief."""
+    resolver = getattr(strategy, 'cluster_resolver', None)
+    if resolver is None or not resolver.task_type:
+        return True
+    has_chief = 'chief' in resolver.cluster_spec().as_dict()
+    return resolver.task_type == 'chief' or (not has_chief and resolver.task_type == 'worker'
+                                             and resolver.task_id == 0)
+
+
+class Trainer:
+    """Model, optimizer, checkpoint and the compiled steps of one run.
+
+    Data parallel under any tf.distribute strategy, with the model of one device: the batch
+    (config.batch_size) is global, losses are sums over it (or means, for mse) whose
+    gradients the optimizer sums over replicas, the optimal sigma* is reduced over all
+    replicas, batch norm uses the global batch's statistics (synchronized), and the noise
+    of step s is drawn for the global batch from the seed (config.seed, s).
+    """
+
+    def __init__(self, config, channels, strategy=None):
         self.config = config
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.chief = is_chief(self.strategy)
         keras.utils.set_random_seed(config.seed)
-        self.vae = models.VAE(config.image_size, channels, config.z_dim,
-                              learn_sigma=config.model == 'sigma', data_range=config.data_range)
-        self.optimizer = keras.optimizers.Adam(config.lr)
-        self.optimizer.build(self.vae.trainable_variables)
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
-        self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        self.rng = tf.random.Generator.from_seed(config.seed)
-        self.prior_z = tf.Variable(
-            tf.random.stateless_normal((NUM_SAMPLES, config.z_dim), seed=[config.seed, 1]),
-            trainable=False, name='prior_z')
+        with self.strategy.scope():
+            self.vae = models.VAE(config.image_size, channels, config.z_dim,
+                                  learn_sigma=config.model == 'sigma', data_range=config.data_range,
+                                  sync_batch_norm=self.strategy.num_replicas_in_sync > 1)
+            self.optimizer = keras.optimizers.Adam(config.lr)
+            if config.mixed_precision:
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+            self.optimizer.build(self.vae.trainable_variables)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
+            self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+            self.prior_z = tf.Variable(
+                tf.random.stateless_normal((NUM_SAMPLES, config.z_dim), seed=[config.seed, 1]),
+                trainable=False, name='prior_z')
         self.checkpoint = tf.train.Checkpoint(
             vae=self.vae, optimizer=self.optimizer, step=self.step, epoch=self.epoch,
-            train_seconds=self.train_seconds, rng=self.rng, prior_z=self.prior_z)
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(config.run_dir, 'checkpoints'), max_to_keep=3)
+            train_seconds=self.train_seconds, prior_z=self.prior_z)
+        self.checkpoint_dir = os.path.join(config.run_dir, 'checkpoints')
+        # Every worker saves (saving is collective); only the chief's copy is kept.
+        save_dir = self.checkpoint_dir if self.chief else os.path.join(
+            config.run_dir, f'.tmp-worker-{self.strategy.cluster_resolver.task_id}')
+        self.manager = tf.train.CheckpointManager(self.checkpoint, save_dir, max_to_keep=3)
         self.metrics = {k: keras.metrics.Mean(name=k)
                         for k in ('loss', 'rec', 'kl', 'elbo', 'log_sigma')}
         self.update = tf.function(self._update, jit_compile=config.xla)
@@ -200,7 +244,7 @@ class Trainer:
 
         The learning rate is the one given now, not the saved one.
         """
-        path = self.manager.latest_checkpoint
+        path = tf.train.latest_checkpoint(self.checkpoint_dir)
         if path:
             self.checkpoint.restore(path).assert_existing_objects_matched()
             self.optimizer.learning_rate.assign(self.config.lr)
@@ -209,12 +253,16 @@ class Trainer:
     def save(self):
         """Checkpoints the run; raises Diverged, saving nothing, if a weight is not finite."""
         if not all_finite(self.vae.weights):
-            raise Diverged(f'training diverged at step {int(self.step)}: weights not finite; '
+            raise Diverged(f'training diverged at step {int(self.step.numpy())}: weights not finite; '
                            + self.last_good())
-        return self.manager.save(checkpoint_number=self.step)
+        path = self.manager.save(checkpoint_number=self.step)
+        if not self.chief:
+            tf.io.gfile.rmtree(self.manager.directory)
+            return tf.train.latest_checkpoint(self.checkpoint_dir)
+        return path
 
     def last_good(self):
-        path = self.manager.latest_checkpoint
+        path = tf.train.latest_checkpoint(self.checkpoint_dir)
         return (f'{path} holds the last good weights' if path else 'no checkpoint was written') + \
             ' (try a lower --lr)'
 
@@ -228,29 +276,48 @@ class Trainer:
         return tf.constant(0.0)
 
     def _update(self, x):
-        """One Adam step on a batch x (B, S, S, C); returns per-image stats in nats."""
-        c = self.config
-        eps = self.rng.normal((tf.shape(x)[0], c.z_dim))
+        """One Adam step on this replica's part x (b, S, S, C) of the global batch.
+
+        Returns per-image stats in nats over the global batch (the same on every replica).
+        """
+        c, vae = self.config, self.vae
+        replica = tf.distribute.get_replica_context()
+        b = tf.shape(x)[0]
+        global_b = b * replica.num_replicas_in_sync
+        eps = tf.random.stateless_normal((global_b, c.z_dim), seed=tf.stack(
+            [tf.constant(c.seed, tf.int64), tf.cast(self.step, tf.int64)]))
+        eps = eps[replica.replica_id_in_sync_group * b:][:b]
         with tf.GradientTape() as tape:
-            x_hat, mu, log_var = self.vae(x, eps, training=True)
-            loss, _, _, log_sigma = losses.vae_loss(
-                c.model, x, x_hat, mu, log_var, self.vae.log_sigma if c.model == 'sigma' else None,
-                c.beta, c.log_sigma_min)
-        variables = self.vae.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            x_hat, mu, log_var = vae(x, eps, training=True)
+            log_sigma = None
+            if c.model == 'sigma':
+                log_sigma = vae.log_sigma
+            elif c.model == 'optimal':  # sigma*^2 = the mean over the global batch
+                squares, count = replica.all_reduce('sum', [
+                    tf.reduce_sum(tf.square(x - x_hat)), tf.cast(tf.size(x), tf.float32)])
+                log_sigma = 0.5 * tf.math.log(squares / count)
+            loss, _, _, log_sigma = losses.vae_loss(c.model, x, x_hat, mu, log_var, log_sigma,
+                                                    c.beta, c.log_sigma_min, global_b)
+            scaled = self.optimizer.scale_loss(loss)
+        variables = vae.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         if c.model == 'optimal':
-            self.vae.update_sigma2_average(log_sigma)
+            vae.update_sigma2_average(log_sigma)
         rec, kl = losses.negative_elbo(x, x_hat, mu, log_var, log_sigma)
-        rec, kl = tf.reduce_mean(rec), tf.reduce_mean(kl)
+        rec, kl = (s / tf.cast(global_b, tf.float32) for s in replica.all_reduce(
+            'sum', [tf.reduce_sum(rec), tf.reduce_sum(kl)]))
         return {'loss': rec + c.beta * kl, 'rec': rec, 'kl': kl, 'elbo': -(rec + kl),
                 'log_sigma': log_sigma}
 
     def _train_step(self, x):
-        stats = self.update(x)
+        """One step on a (distributed) global batch; summaries are the chief's."""
+        per_replica = self.strategy.run(self.update, args=(x,))
+        stats = {k: self.strategy.experimental_local_results(v)[0] for k, v in per_replica.items()}
         self.step.assign_add(1)
         for name, value in stats.items():
             self.metrics[name].update_state(value)
-            tf.summary.scalar('train/' + name, value, step=self.step)
+            if self.chief:
+                tf.summary.scalar('train/' + name, value, step=self.step)
         return stats
 
     def _eval_step(self, x, seed):
@@ -275,7 +342,7 @@ class Trainer:
                 'test_mse': sq / (n * num_values)}
 
     def write_images(self, recon_inputs):
-        step = int(self.step)
+        step = int(self.step.numpy())
         folder = os.path.join(self.config.run_dir, 'images')
         os.makedirs(folder, exist_ok=True)
         data_range = self.config.data_range
@@ -290,7 +357,17 @@ class Trainer:
 
 def train(config):
     """Trains (or resumes) the run that `config` describes; returns the last metrics row."""
-    check_run_dir(config)
+    strategy = make_strategy(config.strategy)  # first: multi-worker must start before other ops
+    keras.mixed_precision.set_dtype_policy('mixed_float16' if config.mixed_precision else 'float32')
+    try:
+        return _train(config, strategy)
+    finally:
+        keras.mixed_precision.set_dtype_policy('float32')
+
+
+def _train(config, strategy):
+    chief = is_chief(strategy)
+    check_run_dir(config, chief)
     splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
     steps_per_epoch = splits.num_train // config.batch_size
     if steps_per_epoch == 0:
@@ -302,13 +379,14 @@ def train(config):
                                  drop_remainder=False, data_range=config.data_range)
     recon_inputs = next(iter(test_ds.unbatch().batch(NUM_RECONSTRUCTIONS)))
 
-    trainer = Trainer(config, splits.channels)
+    trainer = Trainer(config, splits.channels, strategy)
     restored = trainer.restore()
-    step = int(trainer.step)
+    step = int(trainer.step.numpy())
     metrics_path = os.path.join(config.run_dir, 'metrics.jsonl')
     # Rows written after the checkpoint we resume from would be written again: drop them.
     rows = [r for r in utils.read_jsonl(metrics_path) if r['step'] <= step]
-    utils.write_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in rows))
+    if chief:
+        utils.write_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in rows))
 
     total = config.epochs * steps_per_epoch
     if config.max_steps:
@@ -316,16 +394,19 @@ def train(config):
     print(f'{splits.source}: {splits.num_train} train / {splits.num_test} test images, '
           f'{splits.channels} channel(s) at {config.image_size}x{config.image_size}; '
           f'{steps_per_epoch} steps per epoch; model {config.model}, '
-          f'{trainer.vae.count_params()} parameters; run folder {config.run_dir}')
+          f'{trainer.vae.count_params()} parameters; {strategy.num_replicas_in_sync} replica(s); '
+          f'run folder {config.run_dir}')
     if restored:
         print(f'resumed from {restored} at step {step}, epoch {step / steps_per_epoch:.2f}')
     if step >= total:
         print(f'nothing to do: step {step} of {total} reached (raise --epochs or --max_steps)')
         return rows[-1] if rows else None
 
-    writer = tf.summary.create_file_writer(os.path.join(config.run_dir, 'logs'))
+    writer = (tf.summary.create_file_writer(os.path.join(config.run_dir, 'logs')) if chief
+              else tf.summary.create_noop_writer())
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    bar = tqdm(total=total, initial=step, unit='step', dynamic_ncols=True, desc=config.experiment_name)
+    bar = tqdm(total=total, initial=step, unit='step', dynamic_ncols=True, desc=config.experiment_name,
+               disable=not chief)
     row = rows[-1] if rows else None
     try:
         with writer.as_default():
@@ -334,7 +415,7 @@ def train(config):
                 for m in trainer.metrics.values():
                     m.reset_state()
                 start = tick = time.time()
-                for x in train_ds.take(chunk):
+                for x in strategy.experimental_distribute_dataset(train_ds.take(chunk)):
                     stats = trainer.train_step(x)
                     step += 1
                     bar.update(1)
@@ -342,7 +423,7 @@ def train(config):
                         check_finite(stats, step, trainer)
                         bar.set_postfix({k: f'{float(m.result()):.4g}'
                                          for k, m in trainer.metrics.items() if k != 'elbo'})
-                    if step % config.sample_every == 0:
+                    if step % config.sample_every == 0 and chief:
                         trainer.write_images(recon_inputs)
                     if (config.checkpoint_every and step % config.checkpoint_every == 0
                             and step % steps_per_epoch and step < total):
@@ -355,12 +436,13 @@ def train(config):
                 trainer.epoch.assign(step // steps_per_epoch)
                 row = end_of_chunk(trainer, test_ds, recon_inputs, step, steps_per_epoch,
                                    time.time() - start, metrics_path)
-                bar.write(' '.join(f'{k} {v:.5g}' if isinstance(v, float) else f'{k} {v}'
-                                   for k, v in row.items()))
+                if row:
+                    bar.write(' '.join(f'{k} {v:.5g}' if isinstance(v, float) else f'{k} {v}'
+                                       for k, v in row.items()))
     except (KeyboardInterrupt, Interrupted) as e:
         bar.close()
         path = trainer.save()
-        print(f'\ninterrupted at step {int(trainer.step)}; saved {path}', file=sys.stderr)
+        print(f'\ninterrupted at step {int(trainer.step.numpy())}; saved {path}', file=sys.stderr)
         raise SystemExit(143 if isinstance(e, Interrupted) else 130)
     finally:
         bar.close()
@@ -370,9 +452,12 @@ def train(config):
 
 
 def end_of_chunk(trainer, test_ds, recon_inputs, step, steps_per_epoch, seconds, metrics_path):
-    """Evaluates, writes grids and a metrics row, then checkpoints."""
+    """Evaluates, writes grids and a metrics row (the chief), then checkpoints (every worker)."""
+    if not trainer.chief:
+        trainer.save()
+        return None
     row = {'step': step, 'epoch': round(step / steps_per_epoch, 4),
-           'wall_time': time.time(), 'train_seconds': round(float(trainer.train_seconds), 2),
+           'wall_time': time.time(), 'train_seconds': round(float(trainer.train_seconds.numpy()), 2),
            'chunk_seconds': round(seconds, 2)}
     row.update({'train_' + k: float(m.result()) for k, m in trainer.metrics.items()})
     row.update(trainer.evaluate(test_ds))

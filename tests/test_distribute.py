@@ -1,0 +1,123 @@
+"""tf.distribute and mixed precision on CPU: the same model on one device and on several."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import losses
+import train
+from conftest import TINY, run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs in a fresh process: logical devices must be set before TensorFlow starts.
+MIRRORED_CHECK = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import numpy as np
+import train
+
+x = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype('float32')
+result = {}
+# One strategy for all: collectives of several MirroredStrategy objects in one process collide.
+mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+for model in sys.argv[3].split(','):
+    runs = []
+    for strategy in (tf.distribute.get_strategy(), mirrored):
+        config = train.Config(model=model, batch_size=8, z_dim=4, output_dir=sys.argv[2],
+                              experiment_name=model)
+        trainer = train.Trainer(config, 1, strategy)
+        batches = strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices(x).batch(8))
+        for _ in range(2):  # two steps: the second one starts from updated weights and Adam state
+            for batch in batches:
+                stats = trainer.train_step(batch)
+        runs.append({'replicas': strategy.num_replicas_in_sync,
+                     'stats': {k: float(v) for k, v in stats.items()},
+                     'weights': [np.asarray(v).tolist() for v in trainer.vae.weights]})
+    result[model] = runs
+json.dump(result, open(os.path.join(sys.argv[2], 'result.json'), 'w'))
+'''
+
+
+@pytest.fixture(scope='module')
+def mirrored_vs_one_device(tmp_path_factory):
+    out = tmp_path_factory.mktemp('mirrored')
+    proc = subprocess.run([sys.executable, '-c', MIRRORED_CHECK, REPO, str(out),
+                           ','.join(sorted(losses.MODELS))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.load(open(out / 'result.json'))
+
+
+@pytest.mark.parametrize('model', sorted(losses.MODELS))
+def test_mirrored_step_equals_one_device(mirrored_vs_one_device, model):
+    one, two = mirrored_vs_one_device[model]
+    assert (one['replicas'], two['replicas']) == (1, 2)
+    for key in ('loss', 'rec', 'kl', 'log_sigma'):
+        assert two['stats'][key] == pytest.approx(one['stats'][key], rel=1e-4, abs=1e-5), key
+    assert len(one['weights']) == len(two['weights'])
+    # Adam divides each gradient by its own RMS, so where a gradient is ~0 float rounding
+    # (a different summation order) can move a weight by a fraction of lr = 1e-3 a step.
+    for a, b in zip(one['weights'], two['weights']):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-4)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_on_localhost_train_and_write_one_checkpoint(image_folder, tmp_path):
+    workers = [f'127.0.0.1:{free_port()}', f'127.0.0.1:{free_port()}']
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': index}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, 'train.py'), '--strategy', 'multi_worker',
+             '--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name', 'mw',
+             '--max_steps', '3'] + TINY, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True))
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    run_dir = tmp_path / 'mw'
+    assert 'ckpt-3.index' in os.listdir(run_dir / 'checkpoints')
+    assert not [f for f in os.listdir(run_dir) if f.startswith('.tmp-worker')]
+    assert [json.loads(line)['step'] for line in open(run_dir / 'metrics.jsonl')] == [3]
+    assert '2 replica(s)' in outputs[0][0]
+
+
+def test_mixed_precision_keeps_the_loss_terms_float32_and_finite(image_folder, tmp_path):
+    config = train.Config(model='optimal', batch_size=8, z_dim=4, mixed_precision=True,
+                          output_dir=str(tmp_path), experiment_name='mp')
+    import keras
+    keras.mixed_precision.set_dtype_policy('mixed_float16')
+    try:
+        trainer = train.Trainer(config, 1)
+        assert trainer.vae.encoder.layers[1].compute_dtype == 'float16'
+        x = tf.random.uniform((8, 28, 28, 1), -1, 1)
+        x_hat, mu, log_var = trainer.vae(x, tf.zeros((8, 4)), training=True)
+        assert (x_hat.dtype, mu.dtype, log_var.dtype) == (tf.float32,) * 3
+        stats = trainer.train_step(x)
+        for name, value in stats.items():
+            assert value.dtype == tf.float32 and np.isfinite(float(value)), name
+        assert trainer.vae.log_sigma.dtype == 'float32'
+    finally:
+        keras.mixed_precision.set_dtype_policy('float32')
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path), '--mixed_precision',
+                '--max_steps', '2'] + TINY) == 0
