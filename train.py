@@ -441,8 +441,13 @@ def _train(config, strategy):
                                        for k, v in row.items()))
     except (KeyboardInterrupt, Interrupted) as e:
         bar.close()
-        path = trainer.save()
-        print(f'\ninterrupted at step {int(trainer.step.numpy())}; saved {path}', file=sys.stderr)
+        if config.strategy == 'multi_worker':  # saving is collective: the others would hang
+            print(f'\ninterrupted at step {int(trainer.step.numpy())}; not saved under multi_worker, '
+                  f'the last checkpoint is {tf.train.latest_checkpoint(trainer.checkpoint_dir)}',
+                  file=sys.stderr)
+        else:
+            path = trainer.save()
+            print(f'\ninterrupted at step {int(trainer.step.numpy())}; saved {path}', file=sys.stderr)
         raise SystemExit(143 if isinstance(e, Interrupted) else 130)
     finally:
         bar.close()
