@@ -81,7 +81,7 @@ def runs(args):
     out = [(m, train.Config(model=m, experiment_name=m, **base)) for m in args.models]
     if args.beta_vae is not None:
         name = f'beta_vae_{args.beta_vae:g}'
-        out.append((f'β-VAE (β={args.beta_vae:g})',
+        out.append((f'beta-VAE (beta={args.beta_vae:g})',
                     train.Config(model='gaussian', beta=args.beta_vae, experiment_name=name, **base)))
     return out
 
@@ -115,7 +115,7 @@ def bits_per_dim_plot(path, curves, title):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for label, steps, values in curves:
         ax.plot(steps, values, marker='o', label=label)
     ax.set_xlabel('training step')
@@ -155,9 +155,11 @@ def compare(args):
 def write_outputs(args, results):
     out = args.output_dir
     utils.write_text(os.path.join(out, 'results.json'), json.dumps(results, indent=2) + '\n')
-    title = (f'{args.dataset}, data range [{args.data_range}], FID features: {args.features}, '
-             f'IW-NLL with K = {args.iw_samples}')
-    utils.write_text(os.path.join(out, 'results.md'), f'{title}\n\n' + markdown_table(results))
+    title = f'{args.dataset}, data range [{args.data_range}]'
+    details = (f'{title}; FID features: {args.features}, N = {args.fid_samples}; '
+               f'IW-NLL with K = {args.iw_samples} on '
+               f"{f'the first {args.iw_images}' if args.iw_images else 'all'} test images")
+    utils.write_text(os.path.join(out, 'results.md'), f'{details}\n\n' + markdown_table(results))
     grids, curves = [], []
     for r in results:
         run_dir = r['run']

@@ -131,11 +131,11 @@ def test_compare_end_to_end(image_folder, tmp_path):
                          '--batch_size', '8', '--z_dim', '4', '--iw_samples', '3',
                          '--fid_samples', '4', '--beta_vae', '0.1']) == 0
     table = open(out / 'results.md').read()
-    for name in ('| mse |', '| gaussian |', '| sigma |', '| optimal |', '| β-VAE (β=0.1) |'):
+    for name in ('| mse |', '| gaussian |', '| sigma |', '| optimal |', '| beta-VAE (beta=0.1) |'):
         assert name in table
     results = json.load(open(out / 'results.json'))
     assert [r['model'] for r in results] == ['mse', 'gaussian', 'sigma', 'optimal', 'gaussian']
     assert results[-1]['beta'] == 0.1 and all(np.isfinite(r['fid']) for r in results)
     figure = Image.open(out / 'samples.png')
     assert figure.width >= 5 * 280 and figure.height > 280
-    assert Image.open(out / 'bits_per_dim.png').size == (600, 400)
+    assert Image.open(out / 'bits_per_dim.png').size == (700, 450)
