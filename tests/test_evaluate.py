@@ -1,6 +1,5 @@
 """evaluate.py and compare.py against closed forms, NumPy references and a tiny run."""
 import json
-import math
 import os
 import time
 
@@ -55,7 +54,7 @@ def test_frechet_distance_general_against_the_eigenvalues_of_the_product():
 
 
 def test_log_importance_weights_match_numpy():
-    b, d, z_dim = 3, 12, 4
+    b, z_dim = 3, 4
     x, x_hat = RNG.normal(size=(b, 2, 2, 3)), RNG.normal(size=(b, 2, 2, 3))
     mu, log_var, z = (RNG.normal(size=(b, z_dim)) for _ in range(3))
     log_sigma = -0.7
