@@ -266,5 +266,11 @@ def make_pipeline(images, image_size, batch_size, shuffle_seed=None, drop_remain
     if shuffle_seed is not None:
         ds = ds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    return ds.map(lambda x: to_range(x, data_range),
-                  num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(lambda x: to_range(x, data_range),
+                num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # No autotuning model thread: deleting an iterator (train() makes one per epoch) must join
+    # that thread, which often misses its wake-up and sleeps until its next scheduled pass
+    # (10 ms doubling up to 60 s), e.g. stretching a 41 s epoch to exactly 81.9 s.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
