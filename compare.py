@@ -21,12 +21,14 @@ import train
 import utils
 from utils import UsageError
 
-MODELS = ('mse', 'gaussian', 'sigma', 'optimal')
 COLUMNS = [  # (header, key in the evaluation, format)
     ('model', 'name', '{}'), ('-ELBO (nats)', 'test_neg_elbo', '{:.1f}'),
     ('IW-NLL (nats)', 'iw_nll', '{:.1f}'), ('bits/dim', 'test_bits_per_dim', '{:.3f}'),
-    ('IW bits/dim', 'iw_bits_per_dim', '{:.3f}'), ('test MSE', 'test_mse', '{:.4f}'),
-    ('log σ', 'log_sigma', '{:.2f}'), ('FID', 'fid', '{:.2f}'),
+    ('IW bits/dim', 'iw_bits_per_dim', '{:.3f}'),
+    ('8-bit bits/dim', 'test_bits_per_dim_discrete', '{:.3f}'),
+    ('IW 8-bit bits/dim', 'iw_bits_per_dim_discrete', '{:.3f}'),
+    ('test MSE', 'test_mse', '{:.4f}'), ('KL (nats)', 'test_kl', '{:.1f}'),
+    ('log σ', 'test_log_sigma', '{:.2f}'), ('FID', 'fid', '{:.2f}'),
     ('train time', 'train_seconds', '{:.0f} s'),
 ]
 
@@ -45,7 +47,8 @@ def make_parser():
     p.add_argument('--image_size', type=int, choices=(28, 32, 64), default=28, help='as for train.py')
     p.add_argument('--z_dim', type=int, default=20, help='as for train.py')
     p.add_argument('--seed', type=int, default=0, help='as for train.py')
-    p.add_argument('--models', default=','.join(MODELS), help='comma-separated models to train')
+    p.add_argument('--models', default=','.join(losses.DECODERS),
+                   help='comma-separated models to train (default: every decoder of losses.py)')
     p.add_argument('--beta_vae', type=float, default=None,
                    help='also train the gaussian model with this KL weight (a beta-VAE)')
     p.add_argument('--iw_samples', type=int, default=1000, help='as for evaluate.py')
@@ -60,9 +63,9 @@ def parse_args(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(',') if m]
-    unknown = [m for m in args.models if m not in losses.MODELS]
+    unknown = [m for m in args.models if m not in losses.DECODERS]
     if unknown or not args.models:
-        parser.error(f'--models must list models of {sorted(losses.MODELS)}, got {args.models}')
+        parser.error(f'--models must list models of {list(losses.DECODERS)}, got {args.models}')
     for name in ('epochs', 'batch_size', 'z_dim', 'iw_samples', 'fid_samples', 'max_steps', 'iw_images'):
         value = getattr(args, name)
         if value is not None and value <= 0:

@@ -259,7 +259,9 @@ def make_pipeline(images, image_size, batch_size, shuffle_seed=None, drop_remain
     def resize(image):
         if image.shape[0] == image_size and image.shape[1] == image_size:
             return image
-        image = tf.image.resize(image, (image_size, image_size))  # bilinear, as the original
+        # TF 1's bilinear resize (no half-pixel centres), as the original; rounded to 8 bits
+        # (the original kept the floats), so that every model sees 8-bit values.
+        image = tf.compat.v1.image.resize_images(image, (image_size, image_size))
         return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
     ds = images.map(resize, num_parallel_calls=tf.data.AUTOTUNE).cache()

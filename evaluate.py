@@ -132,26 +132,27 @@ def inception_features(weights):
 
 # ---- the model's numbers ------------------------------------------------------
 
-def importance_weighted_nll(trainer, test_ds, num_samples, max_images=None, seed=0):
-    """-log p(x) per image (nats), estimated with num_samples importance samples of q(z|x)."""
-    vae, z_dim = trainer.vae, trainer.config.z_dim
-    log_sigma = trainer.test_log_sigma()
+def importance_weighted_nll(vae, test_ds, num_samples, max_images=None, seed=0):
+    """-log p(x) and -log P(8-bit x) per image (nats), each estimated with num_samples
+    importance samples of q(z|x) under the VAE's own likelihood; and the number of images."""
+    z_dim = vae.z_dim
 
     @tf.function(reduce_retracing=True)
     def log_weights(x, seed):
-        """(K, B) log w for a batch x (B, ...) and K = num_samples."""
+        """(2, K, B) log w of a batch x (B, ...), K = num_samples: the density, the 8-bit values."""
         mu, log_var = vae.encoder(x, training=False)
         b = tf.shape(x)[0]
         eps = tf.random.stateless_normal((num_samples, b, z_dim), seed=seed)
-        z = mu + tf.exp(0.5 * log_var) * eps
-        x_hat = vae.decoder(tf.reshape(z, (-1, z_dim)), training=False)
+        z = tf.reshape(mu + tf.exp(0.5 * log_var) * eps, (-1, z_dim))
+        params = vae.decoder(z, training=False)
         repeat = lambda t: tf.reshape(tf.tile(t[None], [num_samples] + [1] * len(t.shape)),
                                       (-1,) + tuple(t.shape[1:]))
-        log_w = losses.log_importance_weights(repeat(x), x_hat, tf.reshape(z, (-1, z_dim)),
-                                              repeat(mu), repeat(log_var), log_sigma)
-        return tf.reshape(log_w, (num_samples, b))
+        mu, log_var = repeat(mu), repeat(log_var)
+        nll, discrete, _ = vae.likelihood.test_terms(repeat(x), params)
+        return tf.reshape(tf.stack([losses.log_importance_weights(n, z, mu, log_var)
+                                    for n in (nll, discrete)]), (2, num_samples, b))
 
-    total = seen = 0
+    total, seen = np.zeros(2), 0
     # Batches small enough that K decoder passes per image fit in memory.
     per_batch = max(1, 4096 // num_samples)
     images = test_ds.unbatch()
@@ -160,16 +161,17 @@ def importance_weighted_nll(trainer, test_ds, num_samples, max_images=None, seed
     for i, x in enumerate(tqdm(images.batch(per_batch), desc=f'IW-NLL, K={num_samples}',
                                unit='batch', leave=False)):
         log_w = log_weights(x, tf.constant([seed, i], tf.int64))
-        nll = -(tf.reduce_logsumexp(log_w, axis=0) - math.log(num_samples))
-        total += float(tf.reduce_sum(nll))
+        nll = -(tf.reduce_logsumexp(log_w, axis=1) - math.log(num_samples))
+        total += tf.reduce_sum(nll, axis=1).numpy()
         seen += int(x.shape[0])
-    return total / seen, seen
+    nll, discrete = total / seen
+    return nll, discrete, seen
 
 
 def prior_samples(trainer, n, seed=0):
     """n decoded samples of z ~ N(0, I) as uint8 (fixed seed)."""
     z = tf.random.stateless_normal((n, trainer.config.z_dim), seed=[seed, 2])
-    out = [trainer.vae.decoder(z[i:i + 500], training=False) for i in range(0, n, 500)]
+    out = [trainer.vae.decode(z[i:i + 500]) for i in range(0, n, 500)]
     return data.to_uint8(np.concatenate(out), trainer.config.data_range)
 
 
@@ -215,12 +217,14 @@ def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, fe
               'data_range': config.data_range, 'step': int(trainer.step.numpy()),
               'train_seconds': round(float(trainer.train_seconds.numpy()), 1)}
     result.update(trainer.evaluate(test_ds))
-    result['log_sigma'] = float(trainer.test_log_sigma())
-    num_values = config.image_size ** 2 * splits.channels
-    nll, seen = importance_weighted_nll(trainer, test_ds, iw_samples, iw_images, config.seed)
-    result.update({'iw_nll': nll, 'iw_bits_per_dim': losses.bits_per_dim(
-        nll, num_values, data.log_scale(config.data_range)), 'iw_samples': iw_samples,
-        'iw_images': seen})
+    nll, discrete, seen = importance_weighted_nll(trainer.vae, test_ds, iw_samples, iw_images,
+                                                  config.seed)
+    result.update({
+        'iw_nll': nll, 'iw_bits_per_dim': losses.bits_per_dim(nll, trainer.num_values,
+                                                              trainer.log_scale),
+        'iw_nll_discrete': discrete,
+        'iw_bits_per_dim_discrete': losses.bits_per_dim(discrete, trainer.num_values, 0.0),
+        'iw_samples': iw_samples, 'iw_images': seen})
 
     n = min(fid_samples, splits.num_test)
     if n < fid_samples:

@@ -1,4 +1,4 @@
-"""The VAE objective: reconstruction and KL terms. This file holds only math.
+"""The VAE objective and the decoder likelihoods p(x|z): the file to edit.
 
 A VAE maximises the evidence lower bound (ELBO) of each image x,
 
@@ -10,35 +10,49 @@ Gaussian decoder p(x|z) = N(x_hat(z), sigma^2 I) over the D values of an image,
     -log p(x|z) = sum_i [ (x_i - x_hat_i)^2 / (2 sigma^2) + log sigma + log(2 pi) / 2 ].
 
 sigma sets the balance between the two terms: for a fixed sigma the NLL is the
-summed squared error weighted by 1 / (2 sigma^2), which is beta-VAE with
-beta = 2 sigma^2. The sigma-VAE (Rybkin, Daniilidis, Levine, "Simple and
-Effective VAE Training with Calibrated Decoders", ICML 2021, arXiv:2006.13202)
-learns one log sigma shared by all values (`sigma`), or solves for it in closed
-form on every batch (`optimal`):
+summed squared error weighted by 1 / (2 sigma^2). The sigma-VAE (Rybkin,
+Daniilidis, Levine, "Simple and Effective VAE Training with Calibrated Decoders",
+ICML 2021, arXiv:2006.13202) learns one log sigma shared by all values (`sigma`),
+or solves for it in closed form on every batch (`optimal`):
 
     sigma*^2 = mean over batch and values of (x - x_hat)^2,
 
 the minimiser of the summed NLL over sigma. Both keep beta = 1.
 
-The models, as the original TensorFlow code defines them (x in [-1, 1]):
+The decoders (DECODERS; x in [-1, 1] unless --data_range 0,1):
 
-    mse       rec = mean over batch and values of (x - x_hat)^2,  kl averaged too
-    gaussian  rec = summed NLL with log sigma = 0,                 kl summed
-    sigma     rec = summed NLL with a trainable scalar log sigma,  kl summed
-    optimal   rec = summed NLL with log sigma*,                    kl summed
+    mse            the original's baseline: rec = mean over batch and values of
+                   (x - x_hat)^2, kl averaged too; evaluated as `gaussian`
+    gaussian       N(x_hat, 1)
+    sigma          N(x_hat, sigma^2), one trainable log sigma shared by all values
+    optimal        N(x_hat, sigma*^2), sigma*^2 = the MSE of the global batch
+    optimal_image  N(x_hat, sigma_i*^2), sigma_i*^2 = the MSE of image i
+    sigma_pixel    N(x_hat, sigma(z)^2), log sigma predicted for every value by the
+                   decoder (the "naive" learned variance the paper argues against)
+    logistic       discretized logistic(x_hat, s(z)) over the 256 levels of each value,
+                   log s predicted for every value (PixelCNN++, IAF-VAE)
 
-log sigma is soft-clipped from below (`softclip`, minimum -6 by default) so that
-it cannot run to -inf on data it reconstructs perfectly.
+Every log sigma (and the logistic's log s) is soft-clipped from below (`softclip`,
+minimum --log_sigma_min, -6 by default) so that it cannot run to -inf on values the
+decoder reconstructs perfectly. At test time `optimal` and `optimal_image` use a
+running average of the training sigma*^2: a likelihood must not look at x to pick sigma.
 
-To add a model, write one reconstruction function with the signature of
-`gaussian_reconstruction` and add one line to `MODELS`.
+Every decoder also gives the probability of the 8-bit values (`discrete_nll`): the
+mass of each value's bin [x - w/2, x + w/2], w = one level, the first bin open to
+-inf and the last to +inf, so that bits/dim compare with published likelihoods.
+
+Adding a decoder: subclass `Likelihood` (or `Gaussian`, choosing log sigma), and add
+one line to DECODERS; the trainer, the evaluation and the comparison take it from there.
 """
 import math
 
+import keras
 import tensorflow as tf
 
 LOG_2PI = math.log(2.0 * math.pi)
 
+
+# ---- elementwise math ---------------------------------------------------------
 
 def gaussian_nll(x, mean, log_sigma):
     """Elementwise negative log density of N(mean, exp(log_sigma)^2) at x.
@@ -54,14 +68,14 @@ def gaussian_nll(x, mean, log_sigma):
 
 
 def kl_divergence(mu, log_var):
-    """KL(N(mu, exp(log_var)) || N(0, I)) per example.
+    """KL(N(mu, exp(log_var)) || N(0, I)) per latent dimension.
 
     Args:
       mu, log_var: (B, Z) encoder outputs.
     Returns:
-      (B,): -0.5 * sum over the Z latent dims of (1 + log_var - mu^2 - exp(log_var)).
+      (B, Z): -0.5 (1 + log_var - mu^2 - exp(log_var)); sum over Z for the KL of an image.
     """
-    return -0.5 * tf.reduce_sum(1.0 + log_var - tf.square(mu) - tf.exp(log_var), axis=-1)
+    return -0.5 * (1.0 + log_var - tf.square(mu) - tf.exp(log_var))
 
 
 def softclip(t, minimum):
@@ -69,107 +83,25 @@ def softclip(t, minimum):
     return minimum + tf.nn.softplus(t - minimum)
 
 
-def optimal_log_sigma(x, x_hat):
-    """The batch-wise optimal shared log sigma: log sqrt(mean((x - x_hat)^2)).
-
-    Args:
-      x, x_hat: tensors of one shape, e.g. (B, H, W, C).
-    Returns:
-      A scalar: the mean is over the whole batch and every value, so it is the
-      log RMSE, the sigma that minimises sum(gaussian_nll(x, x_hat, log sigma)).
-    """
-    return 0.5 * tf.math.log(tf.reduce_mean(tf.square(x - x_hat)))
-
-
 def clip_log_sigma(log_sigma, log_sigma_min):
     """softclip(log_sigma, log_sigma_min), or log_sigma itself when log_sigma_min is None."""
     return log_sigma if log_sigma_min is None else softclip(log_sigma, log_sigma_min)
 
 
-# Reconstruction functions: (x, x_hat, log_sigma, log_sigma_min) ->
-# (elementwise loss of x's shape, the scalar log sigma it used).
-
-def mse_reconstruction(x, x_hat, log_sigma, log_sigma_min):
-    """Squared error; the original's averaged baseline (no sigma: reported as 0)."""
-    del log_sigma, log_sigma_min
-    return tf.square(x - x_hat), tf.constant(0.0, x.dtype)
+def optimal_log_sigma(mean_squared_error):
+    """log sigma* = log sqrt(MSE): the sigma that minimises the summed Gaussian NLL
+    of residuals whose mean square is `mean_squared_error` (any shape)."""
+    return 0.5 * tf.math.log(mean_squared_error)
 
 
-def gaussian_reconstruction(x, x_hat, log_sigma, log_sigma_min):
-    """Gaussian NLL with sigma fixed at 1."""
-    del log_sigma, log_sigma_min
-    log_sigma = tf.constant(0.0, x.dtype)
-    return gaussian_nll(x, x_hat, log_sigma), log_sigma
+def per_image_mean(t):
+    """(B, ...) -> (B,): the mean over everything but the first axis."""
+    return tf.reduce_mean(tf.reshape(t, (tf.shape(t)[0], -1)), axis=1)
 
 
-def sigma_reconstruction(x, x_hat, log_sigma, log_sigma_min):
-    """Gaussian NLL with the model's trainable scalar log sigma (soft-clipped)."""
-    log_sigma = clip_log_sigma(tf.cast(log_sigma, x.dtype), log_sigma_min)
-    return gaussian_nll(x, x_hat, log_sigma), log_sigma
-
-
-def optimal_reconstruction(x, x_hat, log_sigma, log_sigma_min):
-    """Gaussian NLL with the batch's optimal log sigma (soft-clipped).
-
-    If `log_sigma` is given it is used as sigma* (a distributed caller passes the
-    value computed over the global batch); otherwise it is computed from this batch.
-    The gradient flows through sigma*; at the optimum dL/dsigma = 0, so stopping
-    it would give the network the same gradient.
-    """
-    if log_sigma is None:
-        log_sigma = optimal_log_sigma(x, x_hat)
-    log_sigma = clip_log_sigma(tf.cast(log_sigma, x.dtype), log_sigma_min)
-    return gaussian_nll(x, x_hat, log_sigma), log_sigma
-
-
-# name -> (reconstruction function, how rec and kl are reduced over batch and values)
-MODELS = {
-    'mse': (mse_reconstruction, 'mean'),
-    'gaussian': (gaussian_reconstruction, 'sum'),
-    'sigma': (sigma_reconstruction, 'sum'),
-    'optimal': (optimal_reconstruction, 'sum'),
-}
-
-
-def vae_loss(model, x, x_hat, mu, log_var, log_sigma=None, beta=1.0, log_sigma_min=-6.0,
-             batch_size=None):
-    """The training objective of one batch.
-
-    Args:
-      model: a key of MODELS.
-      x, x_hat: (B, H, W, C) data and decoder mean.
-      mu, log_var: (B, Z) encoder outputs.
-      log_sigma: scalar; the trainable log sigma for `sigma`, an optional
-        precomputed sigma* for `optimal`, ignored by the others.
-      beta: weight of the KL term.
-      log_sigma_min: soft lower bound of log sigma; None turns the clip off.
-      batch_size: what a 'mean' model's batch mean divides by: the global batch when
-        this batch is one replica's part of it (default: B).
-    Returns:
-      (loss, rec, kl, log_sigma_used), scalars with loss = rec + beta * kl.
-      For 'mean' models rec and kl are means over batch and values (latent dims
-      for kl); for 'sum' models they are sums over batch and values.
-    """
-    reconstruction, reduction = MODELS[model]
-    rec, log_sigma_used = reconstruction(x, x_hat, log_sigma, log_sigma_min)
-    kl = kl_divergence(mu, log_var)
-    if reduction == 'mean':
-        n = tf.cast(tf.shape(x)[0] if batch_size is None else batch_size, rec.dtype)
-        rec = tf.reduce_sum(rec) / (n * tf.cast(tf.size(rec[0]), rec.dtype))
-        kl = tf.reduce_sum(kl) / (n * tf.cast(tf.shape(mu)[-1], kl.dtype))
-    else:
-        rec = tf.reduce_sum(rec)
-        kl = tf.reduce_sum(kl)
-    return rec + beta * kl, rec, kl, log_sigma_used
-
-
-def negative_elbo(x, x_hat, mu, log_var, log_sigma):
-    """-ELBO per example in nats under N(x_hat, sigma^2): (rec, kl), each (B,).
-
-    Uses the single z that produced x_hat, so rec + kl is an unbiased estimate.
-    """
-    rec = tf.reduce_sum(gaussian_nll(x, x_hat, log_sigma), axis=tf.range(1, tf.rank(x)))
-    return rec, kl_divergence(mu, log_var)
+def per_image_sum(t):
+    """(B, ...) -> (B,): the sum over everything but the first axis."""
+    return tf.reduce_sum(tf.reshape(t, (tf.shape(t)[0], -1)), axis=1)
 
 
 def log_normal(z, mu, log_var):
@@ -177,28 +109,266 @@ def log_normal(z, mu, log_var):
     return -0.5 * tf.reduce_sum(LOG_2PI + log_var + tf.square(z - mu) * tf.exp(-log_var), axis=-1)
 
 
-def log_importance_weights(x, x_hat, z, mu, log_var, log_sigma):
-    """log w = log p(x|z) + log p(z) - log q(z|x) for one z per example.
+def log_importance_weights(nll, z, mu, log_var):
+    """log w = log p(x|z) + log p(z) - log q(z|x) for one z per image.
 
     Args:
-      x, x_hat: (B, H, W, C) data and the decoder mean of z.
+      nll: (B,) -log p(x|z) of each image under its z (any likelihood, continuous or discrete).
       z, mu, log_var: (B, Z) the sample and the encoder's q(z|x).
-      log_sigma: the decoder's scalar log sigma.
     Returns:
       (B,). With K samples, -(logsumexp_k log w_k - log K) is the importance-weighted
       bound on -log p(x) (Burda et al. 2016): for K = 1 it is the single-sample -ELBO,
       and it does not increase (in expectation) as K grows.
     """
-    log_px_z = -tf.reduce_sum(gaussian_nll(x, x_hat, log_sigma), axis=tf.range(1, tf.rank(x)))
-    zeros = tf.zeros_like(z)
-    return log_px_z + log_normal(z, zeros, zeros) - log_normal(z, mu, log_var)
+    return -nll + log_normal(z, tf.zeros_like(z), tf.zeros_like(z)) - log_normal(z, mu, log_var)
 
 
 def bits_per_dim(nats, num_values, log_scale=math.log(127.5)):
-    """Nats per image -> bits per value on the 0-255 scale.
+    """Nats per image of a density on the data scale -> bits per value on the 0-255 scale.
 
     Mapping [-1, 1] to [0, 255] multiplies by 127.5, which divides the density
     by 127.5 per value: (nats + D ln 127.5) / (D ln 2). For data in [0, 1] pass
-    log_scale = ln 255.
+    log_scale = ln 255. A probability of 8-bit values needs no shift: log_scale = 0.
     """
     return (nats + num_values * log_scale) / (num_values * math.log(2.0))
+
+
+def log_ndtr(t):
+    """log Phi(t), the log CDF of N(0, 1), accurate in float32 from t = -inf to +inf.
+
+    log(0.5 erfc(-t / sqrt 2)) in [-10, 5]; above, log1p(-Phi(-t)); below, the asymptotic
+    series log Phi(t) = -t^2/2 - log(-t) - log(2 pi)/2 + log(1 - 1/t^2 + 3/t^4 - 15/t^6 + 105/t^8),
+    whose next term is below 1e-7 there. Each branch sees a clamped t, so that the branches
+    not taken give no inf or nan gradient.
+    """
+    low, high = -10.0, 5.0
+    ndtr = lambda u: 0.5 * tf.math.erfc(-u / math.sqrt(2.0))
+    middle = tf.math.log(ndtr(tf.clip_by_value(t, low, high)))
+    above = tf.math.log1p(-ndtr(-tf.maximum(t, high)))
+    u = tf.minimum(t, low)
+    r = 1.0 / tf.square(u)
+    series = 1.0 + r * (-1.0 + r * (3.0 + r * (-15.0 + r * 105.0)))
+    below = -0.5 * tf.square(u) - tf.math.log(-u) - 0.5 * LOG_2PI + tf.math.log(series)
+    return tf.where(t > high, above, tf.where(t < low, below, middle))
+
+
+def log_diff_exp(a, b):
+    """log(exp(a) - exp(b)) for a > b, without forming exp(a) - exp(b)."""
+    return a + tf.math.log(-tf.math.expm1(tf.minimum(b - a, -1e-12)))
+
+
+def log_bin_mass(log_cdf, lower, upper, first, last):
+    """log P(lower < t < upper) of a distribution symmetric about 0, from its log CDF.
+
+    Args:
+      log_cdf: elementwise log F(t) of the standardized distribution (F(-t) = 1 - F(t)).
+      lower, upper: standardized bin edges, (x - w/2 - loc) / scale and (x + w/2 - loc) / scale.
+      first, last: booleans of the same shape; the first bin is open to -inf, the last to +inf.
+    Returns:
+      log(F(upper) - F(lower)), computed in the lower tail (a bin above the centre is
+      mirrored), where log F keeps its precision: F(upper) - F(lower) itself loses
+      everything in float32 when both are close to 1.
+    """
+    mirrored = lower + upper > 0
+    lo = tf.where(mirrored, -upper, lower)
+    hi = tf.where(mirrored, -lower, upper)
+    inner = log_diff_exp(log_cdf(hi), log_cdf(lo))
+    return tf.where(first, log_cdf(upper), tf.where(last, log_cdf(-lower), inner))
+
+
+# ---- the decoders -------------------------------------------------------------
+
+class Likelihood(keras.layers.Layer):
+    """A decoder likelihood p(x|z): one entry of DECODERS, everything that differs by model.
+
+    The decoder outputs `params_per_value` numbers for every value of x, stacked along the
+    channel axis as `params` (B, H, W, C * params_per_value): the first C are the mean
+    (after the output activation), the others are raw (e.g. a log scale). A likelihood
+    may hold weights (a trainable log sigma, running statistics); the VAE tracks them, so
+    they are trained and checkpointed with the networks.
+
+    A subclass defines `nll_values` and `discrete_log_prob`; it may override
+    `train_terms` (what the training objective sums) and `reduce` (sum or mean).
+    `global_mean` is the trainer's hook: (B,) per-image values of this replica -> their
+    mean over the global batch of all replicas (tf.reduce_mean on one device).
+    """
+    params_per_value = 1
+
+    def __init__(self, data_range=(-1.0, 1.0), log_sigma_min=-6.0, **kwargs):
+        super().__init__(dtype='float32', **kwargs)
+        self.low, self.high = (float(v) for v in data_range)
+        self.bin_width = (self.high - self.low) / 255.0  # one 8-bit level on the data scale
+        self.log_sigma_min = log_sigma_min
+
+    def split(self, params):
+        """params (B, H, W, C * P) -> P tensors (B, H, W, C); the first is the mean."""
+        return tf.split(params, self.params_per_value, axis=-1)
+
+    def mean(self, params):
+        """The decoder mean x_hat (B, H, W, C): what images and the test MSE show."""
+        return self.split(params)[0]
+
+    def nll_values(self, x, params, training=False, global_mean=tf.reduce_mean):
+        """Elementwise -log p(x|z) (x's shape; nats, density on the data scale) and the
+        log sigma used, broadcastable to x. training=True may update running statistics."""
+        raise NotImplementedError
+
+    def discrete_log_prob(self, x, params):
+        """Elementwise log probability of the 8-bit value of x (x's shape)."""
+        raise NotImplementedError
+
+    def train_terms(self, x, params, global_mean=tf.reduce_mean):
+        """One training batch: (objective values of x's shape, -log p(x|z) (B,), log sigma (B,))."""
+        values, log_sigma = self.nll_values(x, params, True, global_mean)
+        return values, per_image_sum(values), per_image_mean(log_sigma + tf.zeros_like(x))
+
+    def test_terms(self, x, params):
+        """Evaluation: (-log p(x|z) (B,), -log P(8-bit x|z) (B,), log sigma (B,)), in nats."""
+        values, log_sigma = self.nll_values(x, params)
+        return (per_image_sum(values), -per_image_sum(self.discrete_log_prob(x, params)),
+                per_image_mean(log_sigma + tf.zeros_like(x)))
+
+    def reduce(self, objective_values, kl_values, global_batch):
+        """The two terms of this replica's training loss: sums over its images, values and
+        latent dimensions, so that the replicas' gradients add up to the global batch's."""
+        del global_batch
+        return tf.reduce_sum(objective_values), tf.reduce_sum(kl_values)
+
+    def bins(self, x, loc, scale):
+        """Standardized edges of the 8-bit bin of every value of x, and the open edge bins.
+
+        Returns (lower, upper, first, last): (edge - loc) / scale for the edges x -+ w/2 of
+        the level nearest to x, and booleans marking level 0 and level 255.
+        """
+        level = tf.clip_by_value(tf.round((x - self.low) / self.bin_width), 0.0, 255.0)
+        centre = self.low + level * self.bin_width
+        lower = (centre - 0.5 * self.bin_width - loc) / scale
+        upper = (centre + 0.5 * self.bin_width - loc) / scale
+        return lower, upper, level <= 0.0, level >= 255.0
+
+
+class Gaussian(Likelihood):
+    """N(x_hat, sigma^2) for every value with sigma = 1 (`gaussian`); subclasses choose sigma."""
+
+    def choose_log_sigma(self, x, params, training, global_mean):
+        """log sigma, broadcastable to x. training: one training batch, else evaluation."""
+        return tf.zeros(())
+
+    def nll_values(self, x, params, training=False, global_mean=tf.reduce_mean):
+        log_sigma = self.choose_log_sigma(x, params, training, global_mean)
+        return gaussian_nll(x, self.mean(params), log_sigma), log_sigma
+
+    def discrete_log_prob(self, x, params):
+        log_sigma = self.choose_log_sigma(x, params, False, None)
+        return log_bin_mass(log_ndtr, *self.bins(x, self.mean(params), tf.exp(log_sigma)))
+
+
+class MSE(Gaussian):
+    """The original's "don't do this" baseline: the mean over batch and values of
+    (x - x_hat)^2, with the KL averaged over batch and latent dimensions. It has no
+    sigma; it is evaluated as a Gaussian with sigma = 1."""
+
+    def train_terms(self, x, params, global_mean=tf.reduce_mean):
+        values, nll, log_sigma = super().train_terms(x, params, global_mean)
+        return tf.square(x - self.mean(params)), nll, log_sigma
+
+    def reduce(self, objective_values, kl_values, global_batch):
+        """Means over the global batch (whose size a replica's sums are divided by)."""
+        n = tf.cast(global_batch, tf.float32)
+        values_per_image = tf.cast(tf.size(objective_values[0]), tf.float32)
+        return (tf.reduce_sum(objective_values) / (n * values_per_image),
+                tf.reduce_sum(kl_values) / (n * tf.cast(tf.shape(kl_values)[-1], tf.float32)))
+
+
+class SharedSigma(Gaussian):
+    """One trainable log sigma shared by all values, initialised at 0 (soft-clipped)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log_sigma = self.add_weight(shape=(), initializer='zeros', name='log_sigma')
+
+    def choose_log_sigma(self, x, params, training, global_mean):
+        return clip_log_sigma(self.log_sigma, self.log_sigma_min)
+
+
+class OptimalSigma(Gaussian):
+    """sigma*^2 = the MSE of the global batch, in closed form (soft-clipped).
+
+    The gradient flows through sigma*; at the optimum dL/dsigma = 0, so stopping it would
+    give the network the same gradient. Evaluation uses a debiased exponential moving
+    average of the training batches' sigma*^2 (0.99 a step): a likelihood must not look at
+    the test image to choose its sigma.
+    """
+    decay = 0.99
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Every replica sees the same global average: the first replica's update is kept.
+        self.sigma2_avg, self.sigma2_weight = (
+            self.add_weight(shape=(), initializer='zeros', trainable=False, name=name,
+                            aggregation='only_first_replica')
+            for name in ('sigma2_avg', 'sigma2_weight'))
+
+    def batch_log_sigma(self, x, params, global_mean):
+        """The training batch's sigma* (before the clip), broadcastable to x."""
+        return optimal_log_sigma(global_mean(per_image_mean(tf.square(x - self.mean(params)))))
+
+    def choose_log_sigma(self, x, params, training, global_mean):
+        if not training:
+            w = self.sigma2_weight
+            return tf.where(w > 0, 0.5 * tf.math.log(self.sigma2_avg / tf.maximum(w, 1e-12)), 0.0)
+        log_sigma = clip_log_sigma(self.batch_log_sigma(x, params, global_mean), self.log_sigma_min)
+        sigma2 = global_mean(per_image_mean(tf.exp(2.0 * log_sigma) + tf.zeros_like(x)))
+        self.sigma2_avg.assign(self.decay * self.sigma2_avg + (1 - self.decay) * sigma2)
+        self.sigma2_weight.assign(self.decay * self.sigma2_weight + (1 - self.decay))
+        return log_sigma
+
+
+class OptimalImageSigma(OptimalSigma):
+    """sigma_i*^2 = the MSE of each image (not of the batch); evaluated as `optimal`."""
+
+    def batch_log_sigma(self, x, params, global_mean):
+        mse = per_image_mean(tf.square(x - self.mean(params)))
+        return optimal_log_sigma(mse)[:, None, None, None]
+
+
+class PixelSigma(Gaussian):
+    """log sigma(z) for every value, the decoder's second output (soft-clipped)."""
+    params_per_value = 2
+
+    def choose_log_sigma(self, x, params, training, global_mean):
+        return clip_log_sigma(self.split(params)[1], self.log_sigma_min)
+
+
+class DiscretizedLogistic(Likelihood):
+    """The probability of each 8-bit value under a logistic(x_hat, s) with log s predicted
+    for every value (soft-clipped), its CDF sigmoid((t - x_hat) / s) integrated over the
+    value's bin; the first and last bins are open (PixelCNN++, Salimans et al. 2017).
+
+    As a density on the data scale it is P / w inside each bin (w = one level), so its
+    continuous and discrete bits/dim are the same number.
+    """
+    params_per_value = 2
+
+    def log_scale(self, params):
+        return clip_log_sigma(self.split(params)[1], self.log_sigma_min)
+
+    def discrete_log_prob(self, x, params):
+        scale = tf.exp(self.log_scale(params))
+        return log_bin_mass(tf.math.log_sigmoid, *self.bins(x, self.mean(params), scale))
+
+    def nll_values(self, x, params, training=False, global_mean=tf.reduce_mean):
+        return (-self.discrete_log_prob(x, params) + math.log(self.bin_width),
+                self.log_scale(params))
+
+
+# name -> Likelihood class; constructed as cls(data_range=(low, high), log_sigma_min=m).
+DECODERS = {
+    'mse': MSE,
+    'gaussian': Gaussian,
+    'sigma': SharedSigma,
+    'optimal': OptimalSigma,
+    'optimal_image': OptimalImageSigma,
+    'sigma_pixel': PixelSigma,
+    'logistic': DiscretizedLogistic,
+}

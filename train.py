@@ -34,6 +34,8 @@ STRATEGIES = ('default', 'mirrored', 'multi_worker')
 NUM_SAMPLES = 100  # a 10x10 grid of prior samples
 NUM_RECONSTRUCTIONS = 50  # test images, shown beside their reconstructions in a 10x10 grid
 REFRESH_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
+# The metrics of training and test alike (Trainer.summarize): per-image means.
+METRICS = ('loss', 'rec', 'kl', 'neg_elbo', 'bits_per_dim', 'log_sigma')
 
 
 @dataclasses.dataclass
@@ -79,8 +81,9 @@ def make_parser():
     p = argparse.ArgumentParser(
         prog='train.py', description='Train a VAE with a learned, optimal or fixed decoder variance (sigma-VAE).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--model', choices=sorted(losses.MODELS), default=d.model,
-                   help='decoder likelihood: averaged MSE, sigma=1, learned shared sigma, or batch-optimal sigma')
+    p.add_argument('--model', choices=list(losses.DECODERS), default=d.model,
+                   help='decoder likelihood, from losses.DECODERS: averaged MSE, sigma = 1, learned shared sigma, '
+                        'batch- or image-optimal sigma, per-value sigma, discretized logistic')
     p.add_argument('--experiment_name', default=d.experiment_name,
                    help='name of the run folder under --output_dir; None means the model name')
     p.add_argument('--output_dir', default=d.output_dir, help='folder that holds the run folders')
@@ -108,7 +111,8 @@ def make_parser():
                    help="steps between checkpoints besides each epoch's end (at most this much work is lost to a kill)")
     p.add_argument('--beta', type=float, default=d.beta, help='weight of the KL term (beta-VAE)')
     p.add_argument('--log_sigma_min', type=_log_sigma_min, default=d.log_sigma_min,
-                   help="soft lower bound of log sigma (sigma, optimal); 'none' turns it off")
+                   help="soft lower bound of every learned or optimal log sigma (and the logistic's log "
+                        "scale); 'none' turns it off")
     p.add_argument('--xla', action=argparse.BooleanOptionalAction, default=d.xla,
                    help='compile the training step with XLA (jit_compile)')
     p.add_argument('--strategy', choices=STRATEGIES, default=d.strategy,
@@ -200,21 +204,25 @@ class Trainer:
     """Model, optimizer, checkpoint and the compiled steps of one run.
 
     Data parallel under any tf.distribute strategy, with the model of one device: the batch
-    (config.batch_size) is global, losses are sums over it (or means, for mse) whose
-    gradients the optimizer sums over replicas, the optimal sigma* is reduced over all
-    replicas, batch norm uses the global batch's statistics (synchronized), and the noise
-    of step s is drawn for the global batch from the seed (config.seed, s).
+    (config.batch_size) is global, each replica's loss is its share of the global batch's
+    objective (sums; means over the global batch for mse) and the optimizer sums the
+    gradients, a likelihood's batch statistics (the optimal sigma*) are means over all
+    replicas, batch norm uses the global batch's statistics (synchronized), and the noise of
+    step s is drawn for the global batch from the seed (config.seed, s).
     """
 
     def __init__(self, config, channels, strategy=None):
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
         self.chief = is_chief(self.strategy)
+        self.num_values = config.image_size ** 2 * channels  # D, values per image
+        self.log_scale = data.log_scale(config.data_range)
         keras.utils.set_random_seed(config.seed)
         with self.strategy.scope():
-            self.vae = models.VAE(config.image_size, channels, config.z_dim,
-                                  learn_sigma=config.model == 'sigma', data_range=config.data_range,
-                                  sync_batch_norm=self.strategy.num_replicas_in_sync > 1)
+            likelihood = losses.DECODERS[config.model](data.DATA_RANGES[config.data_range],
+                                                       config.log_sigma_min)
+            self.vae = models.VAE(config.image_size, channels, config.z_dim, likelihood,
+                                  config.data_range, self.strategy.num_replicas_in_sync > 1)
             self.optimizer = keras.optimizers.Adam(config.lr)
             if config.mixed_precision:
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
@@ -233,8 +241,7 @@ class Trainer:
         save_dir = self.checkpoint_dir if self.chief else os.path.join(
             config.run_dir, f'.tmp-worker-{self.strategy.cluster_resolver.task_id}')
         self.manager = tf.train.CheckpointManager(self.checkpoint, save_dir, max_to_keep=3)
-        self.metrics = {k: keras.metrics.Mean(name=k)
-                        for k in ('loss', 'rec', 'kl', 'elbo', 'log_sigma')}
+        self.metrics = {k: keras.metrics.Mean(name=k) for k in METRICS}
         self.update = tf.function(self._update, jit_compile=config.xla)
         self.train_step = tf.function(self._train_step)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
@@ -266,48 +273,58 @@ class Trainer:
         return (f'{path} holds the last good weights' if path else 'no checkpoint was written') + \
             ' (try a lower --lr)'
 
-    def test_log_sigma(self):
-        """The decoder's sigma at test time: 1 (mse, gaussian), learned, or averaged sigma*."""
-        model, vae = self.config.model, self.vae
-        if model == 'sigma':
-            return losses.clip_log_sigma(vae.log_sigma, self.config.log_sigma_min)
-        if model == 'optimal':
-            return vae.average_log_sigma()
-        return tf.constant(0.0)
+    def summarize(self, rec, kl, log_sigma):
+        """Per-image means (nats, on the data scale) -> the metrics of training and test alike.
+
+        rec = -log p(x|z), kl = KL(q(z|x) || p(z)); neg_elbo = rec + kl, loss = rec + beta kl,
+        bits_per_dim = neg_elbo in bits per value on the 0-255 scale; log_sigma is the
+        likelihood's (the mean over values where sigma is predicted per value).
+        """
+        return {'loss': rec + self.config.beta * kl, 'rec': rec, 'kl': kl, 'neg_elbo': rec + kl,
+                'bits_per_dim': losses.bits_per_dim(rec + kl, self.num_values, self.log_scale),
+                'log_sigma': log_sigma}
 
     def _update(self, x):
         """One Adam step on this replica's part x (b, S, S, C) of the global batch.
 
-        Returns per-image stats in nats over the global batch (the same on every replica).
+        Returns the metrics of the global batch (the same on every replica).
         """
-        c, vae = self.config, self.vae
+        vae, likelihood = self.vae, self.vae.likelihood
+        with tf.GradientTape() as tape:
+            mu, log_var = vae.encoder(x, training=True)
+            params = vae.decoder(mu + tf.exp(0.5 * log_var) * self._noise(x), training=True)
+            objective, rec, log_sigma = likelihood.train_terms(x, params, self._global_mean)
+            kl = losses.kl_divergence(mu, log_var)
+            rec_term, kl_term = likelihood.reduce(objective, kl, self._global_batch(x))
+            scaled = self.optimizer.scale_loss(rec_term + self.config.beta * kl_term)
+        gradients = tape.gradient(scaled, vae.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, vae.trainable_variables))
+        return self.summarize(*self._global_means(rec, tf.reduce_sum(kl, -1), log_sigma))
+
+    # -- replica plumbing: the global batch seen from one replica's part x of it
+
+    @staticmethod
+    def _global_batch(x):
+        return tf.shape(x)[0] * tf.distribute.get_replica_context().num_replicas_in_sync
+
+    @staticmethod
+    def _global_means(*values):
+        """Per-image values (b,) of this replica -> their means over the global batch."""
+        replica = tf.distribute.get_replica_context()
+        count = tf.cast(tf.size(values[0]), tf.float32)
+        sums = replica.all_reduce('sum', [tf.reduce_sum(v) for v in values] + [count])
+        return [s / sums[-1] for s in sums[:-1]]
+
+    def _global_mean(self, values):
+        return self._global_means(values)[0]
+
+    def _noise(self, x):
+        """eps for this replica's rows of the global batch, drawn from (seed, step)."""
         replica = tf.distribute.get_replica_context()
         b = tf.shape(x)[0]
-        global_b = b * replica.num_replicas_in_sync
-        eps = tf.random.stateless_normal((global_b, c.z_dim), seed=tf.stack(
-            [tf.constant(c.seed, tf.int64), tf.cast(self.step, tf.int64)]))
-        eps = eps[replica.replica_id_in_sync_group * b:][:b]
-        with tf.GradientTape() as tape:
-            x_hat, mu, log_var = vae(x, eps, training=True)
-            log_sigma = None
-            if c.model == 'sigma':
-                log_sigma = vae.log_sigma
-            elif c.model == 'optimal':  # sigma*^2 = the mean over the global batch
-                squares, count = replica.all_reduce('sum', [
-                    tf.reduce_sum(tf.square(x - x_hat)), tf.cast(tf.size(x), tf.float32)])
-                log_sigma = 0.5 * tf.math.log(squares / count)
-            loss, _, _, log_sigma = losses.vae_loss(c.model, x, x_hat, mu, log_var, log_sigma,
-                                                    c.beta, c.log_sigma_min, global_b)
-            scaled = self.optimizer.scale_loss(loss)
-        variables = vae.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
-        if c.model == 'optimal':
-            vae.update_sigma2_average(log_sigma)
-        rec, kl = losses.negative_elbo(x, x_hat, mu, log_var, log_sigma)
-        rec, kl = (s / tf.cast(global_b, tf.float32) for s in replica.all_reduce(
-            'sum', [tf.reduce_sum(rec), tf.reduce_sum(kl)]))
-        return {'loss': rec + c.beta * kl, 'rec': rec, 'kl': kl, 'elbo': -(rec + kl),
-                'log_sigma': log_sigma}
+        eps = tf.random.stateless_normal((self._global_batch(x), self.config.z_dim), seed=tf.stack(
+            [tf.constant(self.config.seed, tf.int64), tf.cast(self.step, tf.int64)]))
+        return eps[replica.replica_id_in_sync_group * b:][:b]
 
     def _train_step(self, x):
         """One step on a (distributed) global batch; summaries are the chief's."""
@@ -321,37 +338,38 @@ class Trainer:
         return stats
 
     def _eval_step(self, x, seed):
-        """Sums over a test batch: (-ELBO nats, squared error of z = mu, images)."""
+        """Sums over a test batch of rec, kl, log sigma, the discrete rec and the MSE per value
+        of the reconstruction from z = mu, and the number of images."""
         eps = tf.random.stateless_normal((tf.shape(x)[0], self.config.z_dim), seed=seed)
-        x_hat, mu, log_var = self.vae(x, eps, training=False)
-        rec, kl = losses.negative_elbo(x, x_hat, mu, log_var, self.test_log_sigma())
-        x_mean = self.vae.decoder(mu, training=False)
-        return (tf.reduce_sum(rec + kl), tf.reduce_sum(tf.square(x - x_mean)),
-                tf.cast(tf.shape(x)[0], tf.float32))
+        params, mu, log_var = self.vae(x, eps, training=False)
+        rec, discrete, log_sigma = self.vae.likelihood.test_terms(x, params)
+        kl = tf.reduce_sum(losses.kl_divergence(mu, log_var), -1)
+        mse = losses.per_image_mean(tf.square(x - self.vae.reconstruct(x)))
+        return [tf.reduce_sum(t) for t in (rec, kl, log_sigma, discrete, mse)] + [
+            tf.cast(tf.shape(x)[0], tf.float32)]
 
     def evaluate(self, test_ds):
-        """Test-split -ELBO per image (nats), bits/dim on the 0-255 scale and MSE per value."""
-        sums = [0.0, 0.0, 0.0]
+        """The test split's metrics, named test_<metric>: per-image means in nats, bits/dim of
+        the density (test_bits_per_dim) and of the 8-bit values (test_bits_per_dim_discrete),
+        and the MSE per value of the reconstructions (test_mse)."""
+        sums = 0.0
         for i, x in enumerate(test_ds):  # sums stay on the device: one host sync at the end
-            sums = [s + v for s, v in zip(sums, self.eval_step(
-                x, tf.constant([self.config.seed, i], tf.int64)))]
-        nats, sq, n = (float(s) for s in sums)
-        num_values = int(np.prod(x.shape[1:]))
-        nats /= n
-        bpd = losses.bits_per_dim(nats, num_values, data.log_scale(self.config.data_range))
-        return {'test_neg_elbo': nats, 'test_bits_per_dim': bpd,
-                'test_mse': sq / (n * num_values)}
+            sums += tf.stack(self.eval_step(x, tf.constant([self.config.seed, i], tf.int64)))
+        rec, kl, log_sigma, discrete, mse = (float(s) for s in sums[:-1] / sums[-1])
+        stats = self.summarize(rec, kl, log_sigma)
+        stats['bits_per_dim_discrete'] = losses.bits_per_dim(discrete + kl, self.num_values, 0.0)
+        stats['mse'] = mse
+        return {'test_' + k: v for k, v in stats.items()}
 
     def write_images(self, recon_inputs):
         step = int(self.step.numpy())
         folder = os.path.join(self.config.run_dir, 'images')
         os.makedirs(folder, exist_ok=True)
         data_range = self.config.data_range
-        samples = data.to_uint8(self.vae.decoder(self.prior_z, training=False), data_range)
+        samples = data.to_uint8(self.vae.decode(self.prior_z), data_range)
         utils.save_png(os.path.join(folder, f'samples_{step:08d}.png'), utils.image_grid(samples, 10, 10))
-        recons = self.vae(recon_inputs, training=False)[0]
         pairs = utils.side_by_side(data.to_uint8(recon_inputs, data_range),
-                                   data.to_uint8(recons, data_range))
+                                   data.to_uint8(self.vae.reconstruct(recon_inputs), data_range))
         utils.save_png(os.path.join(folder, f'reconstructions_{step:08d}.png'),
                        utils.image_grid(pairs, 10, 10))
 
@@ -403,43 +421,41 @@ def _train(config, strategy):
         print(f'nothing to do: step {step} of {total} reached (raise --epochs or --max_steps)')
         return rows[-1] if rows else None
 
+    # The rest of the current epoch (a fresh shuffle after a resume), then whole epochs.
+    left_in_epoch = steps_per_epoch - step % steps_per_epoch
+    batches = iter(strategy.experimental_distribute_dataset(
+        train_ds.take(left_in_epoch).concatenate(train_ds.repeat())))
     writer = (tf.summary.create_file_writer(os.path.join(config.run_dir, 'logs')) if chief
               else tf.summary.create_noop_writer())
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     bar = tqdm(total=total, initial=step, unit='step', dynamic_ncols=True, desc=config.experiment_name,
                disable=not chief)
     row = rows[-1] if rows else None
+    tick = time.time()
     try:
         with writer.as_default():
-            while step < total:
-                chunk = min(steps_per_epoch - step % steps_per_epoch, total - step)
-                for m in trainer.metrics.values():
-                    m.reset_state()
-                start = tick = time.time()
-                for x in strategy.experimental_distribute_dataset(train_ds.take(chunk)):
-                    stats = trainer.train_step(x)
-                    step += 1
-                    bar.update(1)
-                    if step % REFRESH_EVERY == 0 or step % steps_per_epoch == 0:
-                        check_finite(stats, step, trainer)
-                        bar.set_postfix({k: f'{float(m.result()):.4g}'
-                                         for k, m in trainer.metrics.items() if k != 'elbo'})
-                    if step % config.sample_every == 0 and chief:
-                        trainer.write_images(recon_inputs)
-                    if (config.checkpoint_every and step % config.checkpoint_every == 0
-                            and step % steps_per_epoch and step < total):
-                        check_finite(stats, step, trainer)
-                        trainer.train_seconds.assign_add(time.time() - tick)
-                        tick = time.time()
+            for step in range(step + 1, total + 1):
+                stats = trainer.train_step(next(batches))
+                bar.update(1)
+                end = step % steps_per_epoch == 0 or step == total
+                if step % REFRESH_EVERY == 0 or end:
+                    check_finite(stats, step, trainer)
+                    bar.set_postfix({k: f'{float(m.result()):.4g}' for k, m in trainer.metrics.items()
+                                     if k in ('loss', 'rec', 'kl', 'log_sigma')})
+                if step % config.sample_every == 0 and chief:
+                    trainer.write_images(recon_inputs)
+                if end or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    check_finite(stats, step, trainer)
+                    trainer.train_seconds.assign_add(time.time() - tick)
+                    trainer.epoch.assign(step // steps_per_epoch)
+                    if end:
+                        row = end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch,
+                                           metrics_path)
+                        if row:
+                            bar.write(format_row(row))
+                    else:
                         trainer.save()
-                check_finite(stats, step, trainer)
-                trainer.train_seconds.assign_add(time.time() - tick)
-                trainer.epoch.assign(step // steps_per_epoch)
-                row = end_of_chunk(trainer, test_ds, recon_inputs, step, steps_per_epoch,
-                                   time.time() - start, metrics_path)
-                if row:
-                    bar.write(' '.join(f'{k} {v:.5g}' if isinstance(v, float) else f'{k} {v}'
-                                       for k, v in row.items()))
+                    tick = time.time()
     except (KeyboardInterrupt, Interrupted) as e:
         bar.close()
         if config.strategy == 'multi_worker':  # saving is collective: the others would hang
@@ -457,19 +473,27 @@ def _train(config, strategy):
     return row
 
 
-def end_of_chunk(trainer, test_ds, recon_inputs, step, steps_per_epoch, seconds, metrics_path):
+def format_row(row):
+    """A metrics row on one line: the step, then the test metrics."""
+    keys = ['step', 'epoch'] + [k for k in row if k.startswith('test_')]
+    return ' '.join(f'{k} {row[k]:.5g}' if isinstance(row[k], float) else f'{k} {row[k]}'
+                    for k in keys)
+
+
+def end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch, metrics_path):
     """Evaluates, writes grids and a metrics row (the chief), then checkpoints (every worker)."""
     if not trainer.chief:
         trainer.save()
         return None
-    row = {'step': step, 'epoch': round(step / steps_per_epoch, 4),
-           'wall_time': time.time(), 'train_seconds': round(float(trainer.train_seconds.numpy()), 2),
-           'chunk_seconds': round(seconds, 2)}
+    row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'wall_time': time.time(),
+           'train_seconds': round(float(trainer.train_seconds.numpy()), 2)}
     row.update({'train_' + k: float(m.result()) for k, m in trainer.metrics.items()})
+    for m in trainer.metrics.values():
+        m.reset_state()
     row.update(trainer.evaluate(test_ds))
-    row['log_sigma'] = float(trainer.test_log_sigma())
-    for key in ('test_neg_elbo', 'test_bits_per_dim', 'test_mse', 'log_sigma'):
-        tf.summary.scalar('test/' + key, row[key], step=step)
+    for key, value in row.items():
+        if key.startswith('test_'):
+            tf.summary.scalar('test/' + key[5:], value, step=step)
     trainer.write_images(recon_inputs)
     utils.append_jsonl(metrics_path, row)
     trainer.save()

@@ -134,7 +134,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--steps', type=int, default=20)
-    p.add_argument('--models', default=','.join(losses.MODELS))
+    p.add_argument('--models', default=','.join(losses.DECODERS))
     args = p.parse_args()
     args.models = args.models.split(',')
     print(f'TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, devices: '
