@@ -168,11 +168,11 @@ def importance_weighted_nll(vae, test_ds, num_samples, max_images=None, seed=0):
     return nll, discrete, seen
 
 
-def prior_samples(trainer, n, seed=0):
+def prior_samples(vae, config, n, seed=0):
     """n decoded samples of z ~ N(0, I) as uint8 (fixed seed)."""
-    z = tf.random.stateless_normal((n, trainer.config.z_dim), seed=[seed, 2])
-    out = [trainer.vae.decode(z[i:i + 500]) for i in range(0, n, 500)]
-    return data.to_uint8(np.concatenate(out), trainer.config.data_range)
+    z = tf.random.stateless_normal((n, config.z_dim), seed=[seed, 2])
+    out = [vae.decode(z[i:i + 500]) for i in range(0, n, 500)]
+    return data.to_uint8(np.concatenate(out), config.data_range)
 
 
 def export_samples(folder, samples, data_range):
@@ -190,47 +190,32 @@ def export_samples(folder, samples, data_range):
     return npz, png_dir
 
 
-def load_run(run_dir):
-    """(config, splits, trainer) of a run folder, restored from its latest checkpoint."""
-    path = os.path.join(run_dir, 'config.json')
-    if not os.path.exists(path):
-        raise UsageError(f'{run_dir} is not a run folder (no config.json)')
-    with open(path) as f:
-        saved = json.load(f)
-    config = train.Config(**{k: v for k, v in saved.items() if k in train.Config.__dataclass_fields__})
-    config.output_dir, config.experiment_name = os.path.split(os.path.normpath(run_dir))
-    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
-    trainer = train.Trainer(config, splits.channels)
-    if not trainer.restore():
-        raise UsageError(f'{run_dir} has no checkpoint to evaluate')
-    return config, splits, trainer
-
-
 def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, features='domain',
                  inception_weights=None, export=False, feature_cache=None):
     """All the numbers of one run; also written to <run_dir>/evaluation.json."""
     start = time.time()
-    config, splits, trainer = load_run(run_dir)
+    config, vae, state = train.load_model(run_dir)
+    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
     test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
                                  drop_remainder=False, data_range=config.data_range)
     result = {'run': run_dir, 'model': config.model, 'beta': config.beta,
-              'data_range': config.data_range, 'step': int(trainer.step.numpy()),
-              'train_seconds': round(float(trainer.train_seconds.numpy()), 1)}
-    result.update(trainer.evaluate(test_ds))
-    nll, discrete, seen = importance_weighted_nll(trainer.vae, test_ds, iw_samples, iw_images,
-                                                  config.seed)
+              'data_range': config.data_range, 'step': int(state.step.numpy()),
+              'train_seconds': round(float(state.train_seconds.numpy()), 1)}
+    evaluator = train.Evaluator(vae, config)
+    result.update(evaluator(test_ds))
+    nll, discrete, seen = importance_weighted_nll(vae, test_ds, iw_samples, iw_images, config.seed)
     result.update({
-        'iw_nll': nll, 'iw_bits_per_dim': losses.bits_per_dim(nll, trainer.num_values,
-                                                              trainer.log_scale),
+        'iw_nll': nll, 'iw_bits_per_dim': losses.bits_per_dim(nll, evaluator.num_values,
+                                                              evaluator.log_scale),
         'iw_nll_discrete': discrete,
-        'iw_bits_per_dim_discrete': losses.bits_per_dim(discrete, trainer.num_values, 0.0),
+        'iw_bits_per_dim_discrete': losses.bits_per_dim(discrete, evaluator.num_values, 0.0),
         'iw_samples': iw_samples, 'iw_images': seen})
 
     n = min(fid_samples, splits.num_test)
     if n < fid_samples:
         print(f'the test split has {splits.num_test} images: the FID uses {n} of each',
               file=sys.stderr)
-    samples = prior_samples(trainer, n, config.seed)
+    samples = prior_samples(vae, config, n, config.seed)
     if export:
         result['export'] = export_samples(run_dir, samples, config.data_range)
     if features != 'none':

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import types
 from typing import Optional
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -29,12 +30,13 @@ import utils  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 # Changing one of these changes the model: a run that differs in them is refused on resume.
-MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'mixed_precision')
+MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'mixed_precision',
+              'channels')
 STRATEGIES = ('default', 'mirrored', 'multi_worker')
 NUM_SAMPLES = 100  # a 10x10 grid of prior samples
 NUM_RECONSTRUCTIONS = 50  # test images, shown beside their reconstructions in a 10x10 grid
 REFRESH_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
-# The metrics of training and test alike (Trainer.summarize): per-image means.
+# The metrics of training and test alike (Evaluator.summarize): per-image means.
 METRICS = ('loss', 'rec', 'kl', 'neg_elbo', 'bits_per_dim', 'log_sigma')
 
 
@@ -61,6 +63,7 @@ class Config:
     xla: bool = False
     strategy: str = 'default'  # one device; mirrored: local GPUs; multi_worker: TF_CONFIG
     mixed_precision: bool = False
+    channels: Optional[int] = None  # not a flag: the data's, written into config.json
 
     @property
     def run_dir(self):
@@ -165,6 +168,40 @@ def check_run_dir(config, chief=True):
         raise UsageError(f'cannot write to {config.run_dir}: {e.strerror}') from None
 
 
+def read_config(run_dir):
+    """The Config of a run folder, from its config.json; output_dir and experiment_name
+    are where the folder is now."""
+    path = os.path.join(run_dir, 'config.json')
+    if not os.path.isfile(path):
+        raise UsageError(f'{run_dir} is not a run folder (no config.json)')
+    with open(path) as f:
+        saved = json.load(f)
+    config = Config(**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
+    config.output_dir, config.experiment_name = os.path.split(os.path.normpath(run_dir))
+    return config
+
+
+def load_model(run_dir):
+    """(config, vae, state) of a trained run, restored from its newest checkpoint for
+    evaluation or generation: no optimizer, no training machinery. state holds the
+    checkpoint's path, step, train_seconds and the fixed prior z of its sample grids."""
+    config = read_config(run_dir)
+    if config.channels is None:
+        raise UsageError(f'{run_dir} was written by an older version of train.py (config.json '
+                         f'has no channels); retrain it')
+    vae = make_vae(config)
+    state = types.SimpleNamespace(
+        step=tf.Variable(0, dtype=tf.int64), train_seconds=tf.Variable(0.0, dtype=tf.float64),
+        prior_z=tf.Variable(tf.zeros((NUM_SAMPLES, config.z_dim))))
+    checkpoint = tf.train.Checkpoint(vae=vae, step=state.step, train_seconds=state.train_seconds,
+                                     prior_z=state.prior_z)
+    state.path = tf.train.latest_checkpoint(os.path.join(run_dir, 'checkpoints'))
+    if not state.path:
+        raise UsageError(f'{run_dir} has no checkpoint')
+    checkpoint.restore(state.path).expect_partial().assert_existing_objects_matched()
+    return config, vae, state
+
+
 class Diverged(UsageError):
     """The loss or the weights went non-finite (exit status 1)."""
 
@@ -200,6 +237,61 @@ def is_chief(strategy):
                                              and resolver.task_id == 0)
 
 
+def make_vae(config, sync_batch_norm=False):
+    """The VAE of a config, with its likelihood from losses.DECODERS (under the current
+    distribution strategy's scope, if any)."""
+    likelihood = losses.DECODERS[config.model](data.DATA_RANGES[config.data_range],
+                                               config.log_sigma_min)
+    return models.VAE(config.image_size, config.channels, config.z_dim, likelihood,
+                      config.data_range, sync_batch_norm)
+
+
+class Evaluator:
+    """The metrics of a VAE, one set of names for training and test (`summarize`), and the
+    test split's, compiled once (`__call__`)."""
+
+    def __init__(self, vae, config):
+        self.vae, self.config = vae, config
+        self.num_values = int(np.prod(vae.encoder.input_shape[1:]))  # D, values per image
+        self.log_scale = data.log_scale(config.data_range)
+        self.step = tf.function(self._step, reduce_retracing=True)
+
+    def summarize(self, rec, kl, log_sigma):
+        """Per-image means (nats, on the data scale) -> the metrics of training and test alike.
+
+        rec = -log p(x|z), kl = KL(q(z|x) || p(z)); neg_elbo = rec + kl, loss = rec + beta kl,
+        bits_per_dim = neg_elbo in bits per value on the 0-255 scale; log_sigma is the
+        likelihood's (the mean over values where sigma is predicted per value).
+        """
+        return {'loss': rec + self.config.beta * kl, 'rec': rec, 'kl': kl, 'neg_elbo': rec + kl,
+                'bits_per_dim': losses.bits_per_dim(rec + kl, self.num_values, self.log_scale),
+                'log_sigma': log_sigma}
+
+    def _step(self, x, seed):
+        """Sums over a test batch of rec, kl, log sigma, the discrete rec and the MSE per value
+        of the reconstruction from z = mu, and the number of images."""
+        eps = tf.random.stateless_normal((tf.shape(x)[0], self.config.z_dim), seed=seed)
+        params, mu, log_var = self.vae(x, eps, training=False)
+        rec, discrete, log_sigma = self.vae.likelihood.test_terms(x, params)
+        kl = tf.reduce_sum(losses.kl_divergence(mu, log_var), -1)
+        mse = losses.per_image_mean(tf.square(x - self.vae.reconstruct(x)))
+        return [tf.reduce_sum(t) for t in (rec, kl, log_sigma, discrete, mse)] + [
+            tf.cast(tf.shape(x)[0], tf.float32)]
+
+    def __call__(self, test_ds):
+        """The test split's metrics, named test_<metric>: per-image means in nats, bits/dim of
+        the density (test_bits_per_dim) and of the 8-bit values (test_bits_per_dim_discrete),
+        and the MSE per value of the reconstructions (test_mse)."""
+        sums = 0.0
+        for i, x in enumerate(test_ds):  # sums stay on the device: one host sync at the end
+            sums += tf.stack(self.step(x, tf.constant([self.config.seed, i], tf.int64)))
+        rec, kl, log_sigma, discrete, mse = (float(s) for s in sums[:-1] / sums[-1])
+        stats = self.summarize(rec, kl, log_sigma)
+        stats['bits_per_dim_discrete'] = losses.bits_per_dim(discrete + kl, self.num_values, 0.0)
+        stats['mse'] = mse
+        return {'test_' + k: v for k, v in stats.items()}
+
+
 class Trainer:
     """Model, optimizer, checkpoint and the compiled steps of one run.
 
@@ -211,18 +303,13 @@ class Trainer:
     step s is drawn for the global batch from the seed (config.seed, s).
     """
 
-    def __init__(self, config, channels, strategy=None):
+    def __init__(self, config, strategy=None):
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
         self.chief = is_chief(self.strategy)
-        self.num_values = config.image_size ** 2 * channels  # D, values per image
-        self.log_scale = data.log_scale(config.data_range)
         keras.utils.set_random_seed(config.seed)
         with self.strategy.scope():
-            likelihood = losses.DECODERS[config.model](data.DATA_RANGES[config.data_range],
-                                                       config.log_sigma_min)
-            self.vae = models.VAE(config.image_size, channels, config.z_dim, likelihood,
-                                  config.data_range, self.strategy.num_replicas_in_sync > 1)
+            self.vae = make_vae(config, self.strategy.num_replicas_in_sync > 1)
             self.optimizer = keras.optimizers.Adam(config.lr)
             if config.mixed_precision:
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
@@ -242,9 +329,9 @@ class Trainer:
             config.run_dir, f'.tmp-worker-{self.strategy.cluster_resolver.task_id}')
         self.manager = tf.train.CheckpointManager(self.checkpoint, save_dir, max_to_keep=3)
         self.metrics = {k: keras.metrics.Mean(name=k) for k in METRICS}
+        self.evaluate = Evaluator(self.vae, config)
         self.update = tf.function(self._update, jit_compile=config.xla)
         self.train_step = tf.function(self._train_step)
-        self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
 
     def restore(self):
         """Restores the latest checkpoint, if any; returns its path or None.
@@ -273,17 +360,6 @@ class Trainer:
         return (f'{path} holds the last good weights' if path else 'no checkpoint was written') + \
             ' (try a lower --lr)'
 
-    def summarize(self, rec, kl, log_sigma):
-        """Per-image means (nats, on the data scale) -> the metrics of training and test alike.
-
-        rec = -log p(x|z), kl = KL(q(z|x) || p(z)); neg_elbo = rec + kl, loss = rec + beta kl,
-        bits_per_dim = neg_elbo in bits per value on the 0-255 scale; log_sigma is the
-        likelihood's (the mean over values where sigma is predicted per value).
-        """
-        return {'loss': rec + self.config.beta * kl, 'rec': rec, 'kl': kl, 'neg_elbo': rec + kl,
-                'bits_per_dim': losses.bits_per_dim(rec + kl, self.num_values, self.log_scale),
-                'log_sigma': log_sigma}
-
     def _update(self, x):
         """One Adam step on this replica's part x (b, S, S, C) of the global batch.
 
@@ -299,7 +375,7 @@ class Trainer:
             scaled = self.optimizer.scale_loss(rec_term + self.config.beta * kl_term)
         gradients = tape.gradient(scaled, vae.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, vae.trainable_variables))
-        return self.summarize(*self._global_means(rec, tf.reduce_sum(kl, -1), log_sigma))
+        return self.evaluate.summarize(*self._global_means(rec, tf.reduce_sum(kl, -1), log_sigma))
 
     # -- replica plumbing: the global batch seen from one replica's part x of it
 
@@ -337,30 +413,6 @@ class Trainer:
                 tf.summary.scalar('train/' + name, value, step=self.step)
         return stats
 
-    def _eval_step(self, x, seed):
-        """Sums over a test batch of rec, kl, log sigma, the discrete rec and the MSE per value
-        of the reconstruction from z = mu, and the number of images."""
-        eps = tf.random.stateless_normal((tf.shape(x)[0], self.config.z_dim), seed=seed)
-        params, mu, log_var = self.vae(x, eps, training=False)
-        rec, discrete, log_sigma = self.vae.likelihood.test_terms(x, params)
-        kl = tf.reduce_sum(losses.kl_divergence(mu, log_var), -1)
-        mse = losses.per_image_mean(tf.square(x - self.vae.reconstruct(x)))
-        return [tf.reduce_sum(t) for t in (rec, kl, log_sigma, discrete, mse)] + [
-            tf.cast(tf.shape(x)[0], tf.float32)]
-
-    def evaluate(self, test_ds):
-        """The test split's metrics, named test_<metric>: per-image means in nats, bits/dim of
-        the density (test_bits_per_dim) and of the 8-bit values (test_bits_per_dim_discrete),
-        and the MSE per value of the reconstructions (test_mse)."""
-        sums = 0.0
-        for i, x in enumerate(test_ds):  # sums stay on the device: one host sync at the end
-            sums += tf.stack(self.eval_step(x, tf.constant([self.config.seed, i], tf.int64)))
-        rec, kl, log_sigma, discrete, mse = (float(s) for s in sums[:-1] / sums[-1])
-        stats = self.summarize(rec, kl, log_sigma)
-        stats['bits_per_dim_discrete'] = losses.bits_per_dim(discrete + kl, self.num_values, 0.0)
-        stats['mse'] = mse
-        return {'test_' + k: v for k, v in stats.items()}
-
     def write_images(self, recon_inputs):
         step = int(self.step.numpy())
         folder = os.path.join(self.config.run_dir, 'images')
@@ -386,8 +438,9 @@ def train(config):
 
 def _train(config, strategy):
     chief = is_chief(strategy)
-    check_run_dir(config, chief)
     splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    config.channels = splits.channels
+    check_run_dir(config, chief)
     steps_per_epoch = splits.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f'{splits.source} has {splits.num_train} training images, '
@@ -398,7 +451,7 @@ def _train(config, strategy):
                                  drop_remainder=False, data_range=config.data_range)
     recon_inputs = next(iter(test_ds.unbatch().batch(NUM_RECONSTRUCTIONS)))
 
-    trainer = Trainer(config, splits.channels, strategy)
+    trainer = Trainer(config, strategy)
     restored = trainer.restore()
     step = int(trainer.step.numpy())
     metrics_path = os.path.join(config.run_dir, 'metrics.jsonl')

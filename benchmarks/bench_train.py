@@ -78,8 +78,8 @@ def time_steps(step, batches, steps, repeats):
 
 def make_trainer(model, channels, batch_size, xla):
     config = train.Config(model=model, batch_size=batch_size, xla=xla, output_dir='/tmp/bench',
-                          experiment_name='bench')
-    return train.Trainer(config, channels)
+                          experiment_name='bench', channels=channels)
+    return train.Trainer(config)
 
 
 def bench_models(args, matmul):

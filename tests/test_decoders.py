@@ -193,7 +193,8 @@ def trained(tmp_path_factory):
     result = {}
     for name in DECODERS:
         trainer = train.Trainer(train.Config(model=name, batch_size=8, z_dim=4, seed=2,
-                                             output_dir=str(out), experiment_name=name), 1)
+                                             output_dir=str(out), experiment_name=name,
+                                             channels=1))
         result[name] = trainer, [float(trainer.update(x)['loss']) for _ in range(12)]
     return x, result
 
@@ -258,7 +259,7 @@ def test_a_decoder_registered_at_run_time_trains_and_is_evaluated(image_folder, 
     assert result['model'] == 'toy' and np.isfinite(result['iw_bits_per_dim_discrete'])
     assert '| toy |' in open(out / 'results.md').read()
     # Trained: log b moved from 0, and a restored run has it back.
-    assert float(evaluate.load_run(str(out / 'toy'))[2].vae.likelihood.log_b) != 0.0
+    assert float(train.load_model(str(out / 'toy'))[1].likelihood.log_b) != 0.0
     capsys.readouterr()
     assert run(['--model', 'toy', '--dataset', image_folder, '--output_dir', str(tmp_path),
                 '--max_steps', '1'] + TINY) == 0

@@ -34,8 +34,8 @@ for model in sys.argv[3].split(','):
     runs = []
     for strategy in (tf.distribute.get_strategy(), mirrored):
         config = train.Config(model=model, batch_size=8, z_dim=4, output_dir=sys.argv[2],
-                              experiment_name=model)
-        trainer = train.Trainer(config, 1, strategy)
+                              experiment_name=model, channels=1)
+        trainer = train.Trainer(config, strategy)
         # Plain SGD: the update is the summed gradient itself (Adam's g / rms(g) would turn
         # the rounding of near-zero gradients into whole steps of lr).
         with strategy.scope():
@@ -115,12 +115,12 @@ def test_two_workers_on_localhost_train_and_write_one_checkpoint(image_folder, t
 
 
 def test_mixed_precision_keeps_the_loss_terms_float32_and_finite(image_folder, tmp_path):
-    config = train.Config(model='optimal', batch_size=8, z_dim=4, mixed_precision=True,
+    config = train.Config(model='optimal', batch_size=8, z_dim=4, mixed_precision=True, channels=1,
                           output_dir=str(tmp_path), experiment_name='mp')
     import keras
     keras.mixed_precision.set_dtype_policy('mixed_float16')
     try:
-        trainer = train.Trainer(config, 1)
+        trainer = train.Trainer(config)
         assert trainer.vae.encoder.layers[1].compute_dtype == 'float16'
         x = tf.random.uniform((8, 28, 28, 1), -1, 1)
         x_hat, mu, log_var = trainer.vae(x, tf.zeros((8, 4)), training=True)

@@ -12,6 +12,7 @@ import compare
 import data
 import evaluate
 import losses
+import train
 from conftest import TINY, run
 
 RNG = np.random.default_rng(0)
@@ -72,9 +73,10 @@ def trained_run(image_folder, tmp_path_factory):
 
 
 def test_iw_nll_does_not_increase_with_k(trained_run):
-    _, splits, trainer = evaluate.load_run(trained_run)
+    config, vae, _ = train.load_model(trained_run)
+    splits = data.load(config.dataset, image_size=28, seed=config.seed)
     train_ds = data.make_pipeline(splits.train, 28, 8, drop_remainder=False)
-    nll = np.array([evaluate.importance_weighted_nll(trainer.vae, train_ds, k)[:2] for k in (1, 10, 100)])
+    nll = np.array([evaluate.importance_weighted_nll(vae, train_ds, k)[:2] for k in (1, 10, 100)])
     assert np.all(nll[0] >= nll[1]) and np.all(nll[1] >= nll[2]), nll  # density and 8-bit values
 
 

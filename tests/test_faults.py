@@ -62,7 +62,8 @@ def test_sigkill_at_random_moments_then_resume(image_folder, tmp_path):
             assert saved['step/.ATTRIBUTES/VARIABLE_VALUE'] == int(latest.rsplit('-', 1)[1])
             # What a resume restores is exactly what was saved.
             config = train.parse_args(args)
-            trainer = train.Trainer(config, channels=1)
+            config.channels = 1
+            trainer = train.Trainer(config)
             assert trainer.restore() == latest
             copy = trainer.checkpoint.write(str(tmp_path / 'copy' / 'c'))
             restored = checkpoint_tensors(copy)
