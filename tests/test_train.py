@@ -114,3 +114,18 @@ def test_a_run_on_each_range_shows_the_inputs_unchanged(image_folder, tmp_path, 
     np.testing.assert_array_equal(cells[0:2 * len(test_images):2], test_images[..., 0])
     config = json.load(open(tmp_path / 'sigma' / 'config.json'))
     assert config['data_range'] == data_range
+
+
+def test_resize_is_tf1_bilinear_without_half_pixel_centres_rounded_to_8_bits():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    got = next(iter(data.make_pipeline(tf.data.Dataset.from_tensors(image), 28, 1,
+                                       data_range='0,1'))).numpy()[0] * 255.0
+    # TF 1: source coordinate = destination * in / out, the two neighbours below and above.
+    src = np.arange(28) * 32 / 28
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, 31)
+    f = (src - lo)[:, None, None]
+    rows = image[lo].astype(np.float64) * (1 - f) + image[hi] * f
+    f = (src - lo)[None, :, None]
+    expected = rows[:, lo] * (1 - f) + rows[:, hi] * f
+    np.testing.assert_allclose(got, np.round(expected), atol=1e-3)
