@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+import utils
 from utils import UsageError
 
 TFDS_DATASETS = ('svhn_cropped', 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a')
@@ -77,7 +78,10 @@ def _tfds_builder(name, data_dir):
 
 
 def _tfds_prepared(name, data_dir):
-    return _tfds_builder(name, data_dir).is_prepared()
+    # Asking for a data set that is not there makes tfds warn of a "variant folder" with no
+    # dataset_info.json (it creates none): noise when the data come from elsewhere.
+    with utils.quiet_logger('absl'):
+        return _tfds_builder(name, data_dir).is_prepared()
 
 
 def _reachable(url, timeout=5.0):

@@ -13,7 +13,8 @@ import os
 import sys
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import utils  # first: TensorFlow starts quietly
+utils.quiet_tensorflow()
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -23,7 +24,6 @@ from tqdm import tqdm  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 FEATURE_EXTRACTORS = ('domain', 'inception', 'none')

@@ -16,7 +16,8 @@ import time
 import types
 from typing import Optional
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import utils  # first: TensorFlow starts quietly
+utils.quiet_tensorflow()
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -26,7 +27,6 @@ from tqdm import tqdm  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
-import utils  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 # Changing one of these changes the model: a run that differs in them is refused on resume.
@@ -481,8 +481,9 @@ def _train(config, strategy):
     writer = (tf.summary.create_file_writer(os.path.join(config.run_dir, 'logs')) if chief
               else tf.summary.create_noop_writer())
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    # No bar when standard error is not a terminal (a log file, a pipe): the rows say enough.
     bar = tqdm(total=total, initial=step, unit='step', dynamic_ncols=True, desc=config.experiment_name,
-               disable=not chief)
+               disable=True if not chief else None)
     row = rows[-1] if rows else None
     tick = time.time()
     try:

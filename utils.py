@@ -1,10 +1,53 @@
-"""Small helpers: errors for the CLI, image grids, atomic file writes."""
+"""Small helpers: a quiet TensorFlow start, errors for the CLI, image grids, atomic file writes."""
 import json
+import logging
 import os
+import sys
 import tempfile
 
 import numpy as np
 from PIL import Image
+
+
+VERBOSE = os.environ.get('SIGMA_VAE_VERBOSE', '') not in ('', '0')
+
+
+def quiet_tensorflow():
+    """Imports TensorFlow without its start-up noise, unless SIGMA_VAE_VERBOSE=1.
+
+    Its C++ libraries print banners (oneDNN, CUDA stubs, CPU features) while they load, before
+    their log level applies, so standard error is pointed at /dev/null for the import; later
+    C++ messages below FATAL are dropped (TF_CPP_MIN_LOG_LEVEL=3: e.g. "failed call to cuInit"
+    on a machine without a GPU). Python errors and warnings are untouched. Call it before
+    anything imports TensorFlow; afterwards it does nothing.
+    """
+    if VERBOSE or 'tensorflow' in sys.modules:
+        return
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class quiet_logger:
+    """Within the block, a Python logger (e.g. 'absl') shows only errors, unless SIGMA_VAE_VERBOSE=1."""
+
+    def __init__(self, name):
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self):
+        self.level = self.logger.level
+        if not VERBOSE:
+            self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
 
 
 class UsageError(Exception):

@@ -17,7 +17,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import utils  # first: TensorFlow starts quietly
+utils.quiet_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
