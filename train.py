@@ -33,6 +33,9 @@ from utils import UsageError  # noqa: E402
 MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'mixed_precision',
               'channels')
 STRATEGIES = ('default', 'mirrored', 'multi_worker')
+# --mixed_precision -> Keras dtype policy
+POLICIES = {None: 'float32', 'float16': 'mixed_float16', 'bfloat16': 'mixed_bfloat16'}
+PRECISIONS = ('float16', 'bfloat16')
 NUM_SAMPLES = 100  # a 10x10 grid of prior samples
 NUM_RECONSTRUCTIONS = 50  # test images, shown beside their reconstructions in a 10x10 grid
 REFRESH_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
@@ -62,7 +65,7 @@ class Config:
     log_sigma_min: Optional[float] = -6.0
     xla: bool = False
     strategy: str = 'default'  # one device; mirrored: local GPUs; multi_worker: TF_CONFIG
-    mixed_precision: bool = False
+    mixed_precision: Optional[str] = None  # None (float32), 'float16' or 'bfloat16'
     channels: Optional[int] = None  # not a flag: the data's, written into config.json
 
     @property
@@ -120,9 +123,10 @@ def make_parser():
                    help='compile the training step with XLA (jit_compile)')
     p.add_argument('--strategy', choices=STRATEGIES, default=d.strategy,
                    help='tf.distribute: one device, mirrored over local GPUs, or multi_worker (TF_CONFIG)')
-    p.add_argument('--mixed_precision', action=argparse.BooleanOptionalAction,
+    p.add_argument('--mixed_precision', nargs='?', const='float16', choices=PRECISIONS,
                    default=d.mixed_precision,
-                   help='float16 compute with loss scaling (GPUs); losses and log sigma stay float32')
+                   help='compute in float16 with loss scaling (GPUs; the bare flag) or bfloat16 '
+                        '(recent CPUs, TPUs); losses, log sigma and the encoder heads stay float32')
     return p
 
 
@@ -311,7 +315,7 @@ class Trainer:
         with self.strategy.scope():
             self.vae = make_vae(config, self.strategy.num_replicas_in_sync > 1)
             self.optimizer = keras.optimizers.Adam(config.lr)
-            if config.mixed_precision:
+            if config.mixed_precision == 'float16':  # bfloat16 has float32's range: no scaling
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.vae.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
@@ -429,7 +433,7 @@ class Trainer:
 def train(config):
     """Trains (or resumes) the run that `config` describes; returns the last metrics row."""
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before other ops
-    keras.mixed_precision.set_dtype_policy('mixed_float16' if config.mixed_precision else 'float32')
+    keras.mixed_precision.set_dtype_policy(POLICIES[config.mixed_precision])
     try:
         return _train(config, strategy)
     finally:

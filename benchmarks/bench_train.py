@@ -1,22 +1,30 @@
-"""Training throughput: images/s, FLOPs and the share of this machine's matmul speed.
+"""Training throughput on a shared, noisy machine: steps in memory and the whole command.
 
-python benchmarks/bench_train.py [--repeats 5] [--steps 20] [--quick]
+python benchmarks/bench_train.py [--repeats 5] [--steps 20] [--cli_repeats 3]
 
-For each model, 1 and 3 channels and batch sizes 64 and 256 (28x28 images) it
-times steady-state training steps on tensors already in memory (median of
---repeats timings of --steps steps, after warm-up), with and without XLA, and
-prints images/s, the training FLOPs per image counted from the layer shapes
-(forward x 3: the backward pass costs about twice the forward), the achieved
-GFLOP/s and its ratio to an fp32 matmul measured in the same run. It then times
-the real Fashion-MNIST input pipeline against in-memory tensors.
+1. Steps on tensors in memory. For each model, batch size, XLA setting and precision
+   (float32, bfloat16) it times --steps training steps, --repeats times. The repeats of all
+   settings are interleaved (round robin), and each timing is preceded by a burst of matrix
+   products in the setting's precision, so that every model figure has a peak measured
+   seconds before it: the share of matmul is the median of these paired ratios. It also
+   reports the share against the highest peak seen in the whole run, and how far repeats
+   disagree (min-max). FLOPs are counted from the layer shapes (training = 3 x forward).
+2. The whole command on real Fashion-MNIST: `train.py --epochs 1` in its own process, with
+   progress bar, summaries and checkpoint, float32 and bfloat16 alternating, --cli_repeats
+   times each; images/s from the run's own train_seconds, and its one-epoch test figures.
 """
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
 import utils  # first: TensorFlow starts quietly
 utils.quiet_tensorflow()
 
@@ -24,9 +32,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import data  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
+
+PEAK_SIZE = 2048  # the matmul burst: n x n times n x n
 
 
 def forward_flops(model):
@@ -46,104 +55,159 @@ def forward_flops(model):
     return int(total)
 
 
-def matmul_gflops(n=2048, repeats=5):
-    """Median fp32 GFLOP/s of an n x n matmul, compiled, on this machine."""
-    a = tf.random.normal((n, n))
-    b = tf.random.normal((n, n))
-    mm = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
-    mm(a, b).numpy()
-    times = []
-    for _ in range(repeats):
+class MatmulPeak:
+    """A short burst of compiled n x n matmuls in one dtype -> GFLOP/s."""
+
+    def __init__(self, dtype, n=PEAK_SIZE):
+        self.n = n
+        self.a, self.b = (tf.cast(tf.random.normal((n, n)), dtype) for _ in range(2))
+        self.mm = tf.function(lambda a, b: tf.reduce_sum(tf.cast(tf.matmul(a, b), tf.float32)))
+        self.mm(self.a, self.b).numpy()
+
+    def __call__(self, reps=4):
         start = time.perf_counter()
-        for _ in range(5):
-            out = mm(a, b)
+        for _ in range(reps):
+            out = self.mm(self.a, self.b)
         out.numpy()
-        times.append((time.perf_counter() - start) / 5)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+        return 2 * self.n ** 3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def time_steps(step, batches, steps, repeats):
-    """Median seconds per step over `repeats` runs of `steps` steps, after warm-up."""
-    for x in batches[:3]:
-        step(x)
-    float(step(batches[0])['loss'])
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(steps):
-            stats = step(batches[i % len(batches)])
-        float(stats['loss'])  # wait for the device
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
-
-
-def make_trainer(model, channels, batch_size, xla):
-    config = train.Config(model=model, batch_size=batch_size, xla=xla, output_dir='/tmp/bench',
-                          experiment_name='bench', channels=channels)
-    return train.Trainer(config)
-
-
-def bench_models(args, matmul):
-    print(f'\nfp32 matmul (2048x2048, tf.function): {matmul:.1f} GFLOP/s\n')
-    header = ('model', 'C', 'batch', 'xla', 'images/s', 'MFLOP/img', 'GFLOP/s', 'of matmul')
-    print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
-    rng = np.random.default_rng(0)
-    for model in args.models:
-        for channels in (1, 3):
-            for batch in (64, 256):
-                for xla in (False, True):
-                    trainer = make_trainer(model, channels, batch, xla)
-                    batches = [tf.constant(rng.uniform(-1, 1, (batch, 28, 28, channels)), tf.float32)
-                               for _ in range(4)]
-                    seconds = time_steps(trainer.update, batches, args.steps, args.repeats)
-                    flops = 3 * (forward_flops(trainer.vae.encoder) + forward_flops(trainer.vae.decoder))
-                    ips = batch / seconds
-                    gflops = ips * flops / 1e9
-                    print(f'| {model} | {channels} | {batch} | {"on" if xla else "off"} | {ips:.0f} | '
-                          f'{flops / 1e6:.1f} | {gflops:.1f} | {gflops / matmul:.0%} |', flush=True)
-
-
-def bench_pipeline(args):
-    """Training steps fed by the real Fashion-MNIST pipeline vs the same tensors in memory."""
+def make_step(model, precision, batch, xla, channels=1):
+    """A Trainer's compiled update and its batches, built under the precision's policy."""
+    precision = None if precision == 'float32' else precision
+    config = train.Config(model=model, batch_size=batch, xla=xla, mixed_precision=precision,
+                          channels=channels, output_dir=tempfile.gettempdir(),
+                          experiment_name='bench')
+    keras.mixed_precision.set_dtype_policy(train.POLICIES[precision])
     try:
-        splits = data.load('fashion_mnist')
-    except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
-        print(f'\npipeline: skipped, Fashion-MNIST not available ({e})')
-        return
-    trainer = make_trainer('sigma', 1, 64, False)
-    ds = data.make_pipeline(splits.train, 28, 64, shuffle_seed=0)
-    n = args.steps * args.repeats
-    for x in ds.take(n):  # fills the cache, as the first epoch does
-        pass
-    in_memory = [x for x in ds.take(8)]
-    memory = time_steps(trainer.update, in_memory, args.steps, args.repeats)
-    times = []
-    iterator = iter(ds.repeat())
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            stats = trainer.update(next(iterator))
-        float(stats['loss'])
-        times.append((time.perf_counter() - start) / args.steps)
-    pipeline = statistics.median(times)
-    print(f'\npipeline (sigma, batch 64): real Fashion-MNIST {64 / pipeline:.0f} images/s, '
-          f'in-memory tensors {64 / memory:.0f} images/s: the pipeline costs '
-          f'{(pipeline / memory - 1):+.1%}')
+        trainer = train.Trainer(config)
+    finally:
+        keras.mixed_precision.set_dtype_policy('float32')
+    rng = np.random.default_rng(0)
+    batches = [tf.constant(np.round(rng.uniform(0, 255, (batch, 28, 28, channels))) / 127.5 - 1,
+                           tf.float32) for _ in range(4)]
+    for x in batches:  # trace and warm up
+        trainer.update(x)
+    float(trainer.update(batches[0])['loss'])
+    flops = 3 * (forward_flops(trainer.vae.encoder) + forward_flops(trainer.vae.decoder))
+    return trainer.update, batches, flops
+
+
+def time_steps(step, batches, steps):
+    start = time.perf_counter()
+    for i in range(steps):
+        stats = step(batches[i % len(batches)])
+    float(stats['loss'])  # wait for the device
+    return (time.perf_counter() - start) / steps
+
+
+def spread(values):
+    return f'{min(values):.0f}-{max(values):.0f}'
+
+
+def bench_steps(args):
+    peaks = {p: MatmulPeak(tf.bfloat16 if p == 'bfloat16' else tf.float32) for p in args.precisions}
+    settings = [(m, p, b, x) for m in args.models for b in args.batches for x in args.xla
+                for p in args.precisions]
+    print(f'building and tracing {len(settings)} settings ...', flush=True)
+    built = {s: make_step(*s) for s in settings}
+    seen = {s: [] for s in settings}  # (images/s, peak GFLOP/s just before)
+    peaks_seen = {p: [] for p in peaks}
+    for r in range(args.repeats):
+        print(f'repeat {r + 1}/{args.repeats}', flush=True)
+        for s in settings:
+            step, batches, flops = built[s]
+            peak = peaks[s[1]]()
+            peaks_seen[s[1]].append(peak)
+            seen[s].append((s[2] / time_steps(step, batches, args.steps), peak))
+    for p, values in peaks_seen.items():
+        print(f'\n{p} matmul ({PEAK_SIZE}², tf.function), {len(values)} bursts: median '
+              f'{statistics.median(values):.1f}, min {min(values):.1f}, max {max(values):.1f} GFLOP/s')
+    header = ('model', 'precision', 'batch', 'XLA', 'images/s (median)', 'repeats min-max',
+              'MFLOP/image', 'GFLOP/s', 'of paired matmul', 'of best matmul')
+    print('\n| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
+    for s in settings:
+        model, precision, batch, xla = s
+        flops = built[s][2]
+        ips = [i for i, _ in seen[s]]
+        paired = statistics.median(i * flops / 1e9 / peak for i, peak in seen[s])
+        median = statistics.median(ips)
+        gflops = median * flops / 1e9
+        best = max(peaks_seen[precision])
+        print(f'| {model} | {precision} | {batch} | {"on" if xla else "off"} | '
+              f'{median:.0f} | {spread(ips)} | {flops / 1e6:.1f} | {gflops:.1f} | {paired:.0%} | '
+              f'{gflops / best:.0%} |', flush=True)
+
+
+def run_cli(model, precision, output_dir, name):
+    """One epoch of the real training command; its last metrics row."""
+    argv = [sys.executable, os.path.join(REPO, 'train.py'), '--model', model, '--dataset',
+            'fashion_mnist', '--epochs', '1', '--output_dir', output_dir, '--experiment_name', name]
+    if precision:
+        argv += ['--mixed_precision', precision]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f'{" ".join(argv)} failed:\n{proc.stderr[-2000:]}')
+    with open(os.path.join(output_dir, name, 'metrics.jsonl')) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+def bench_cli(args):
+    print(f'\nthe whole command: train.py --dataset fashion_mnist --epochs 1 (937 steps of 64), '
+          f'{args.cli_repeats} x each precision, alternating', flush=True)
+    header = ('model', 'precision', 'repeat', 'images/s', 'train bits/dim', 'test bits/dim',
+              'test 8-bit bits/dim', 'test MSE')
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    ratios = {m: [] for m in args.cli_models}
+    with tempfile.TemporaryDirectory() as out:
+        for model in args.cli_models:
+            for r in range(args.cli_repeats):
+                ips = {}
+                for precision in args.precisions:
+                    row = run_cli(model, precision if precision != 'float32' else None, out,
+                                  f'{model}_{precision}_{r}')
+                    ips[precision] = row['step'] * 64 / row['train_seconds']
+                    lines.append(f"| {model} | {precision} | {r + 1} | {ips[precision]:.0f} | "
+                                 f"{row['train_bits_per_dim']:.3f} | {row['test_bits_per_dim']:.3f} | "
+                                 f"{row['test_bits_per_dim_discrete']:.3f} | {row['test_mse']:.4f} |")
+                    print(lines[-1], flush=True)
+                if 'float32' in ips and 'bfloat16' in ips:
+                    ratios[model].append(ips['bfloat16'] / ips['float32'])
+    print('\n' + '\n'.join(lines))
+    for model, values in ratios.items():
+        if values:
+            print(f'{model}: bfloat16 / float32 images/s of the whole command, paired: '
+                  f'median {statistics.median(values):.2f}x, min {min(values):.2f}x, '
+                  f'max {max(values):.2f}x over {len(values)} pairs')
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--repeats', type=int, default=5)
-    p.add_argument('--steps', type=int, default=20)
-    p.add_argument('--models', default=','.join(losses.DECODERS))
+    p.add_argument('--repeats', type=int, default=5, help='interleaved timings of each setting')
+    p.add_argument('--steps', type=int, default=20, help='steps per timing')
+    p.add_argument('--models', default='sigma,sigma_pixel,logistic')
+    p.add_argument('--batches', default='64,256')
+    p.add_argument('--xla', default='off,on')
+    p.add_argument('--precisions', default='float32,bfloat16')
+    p.add_argument('--cli_models', default='sigma', help="models of the whole-command part ('' skips it)")
+    p.add_argument('--cli_repeats', type=int, default=3)
     args = p.parse_args()
-    args.models = args.models.split(',')
+    args.models = [m for m in args.models.split(',') if m]
+    args.cli_models = [m for m in args.cli_models.split(',') if m]
+    for m in args.models + args.cli_models:
+        if m not in losses.DECODERS:
+            p.error(f'unknown model {m}')
+    args.batches = [int(b) for b in args.batches.split(',')]
+    args.xla = [x == 'on' for x in args.xla.split(',')]
+    args.precisions = args.precisions.split(',')
     print(f'TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, devices: '
-          f'{[d.device_type for d in tf.config.list_physical_devices()]}')
-    matmul = matmul_gflops()
-    bench_models(args, matmul)
-    bench_pipeline(args)
-    print(f'\nfp32 matmul again at the end: {matmul_gflops():.1f} GFLOP/s')
+          f'{[d.device_type for d in tf.config.list_physical_devices()]}', flush=True)
+    start = time.time()
+    if args.models:
+        bench_steps(args)
+    if args.cli_models:
+        bench_cli(args)
+    print(f'\n{(time.time() - start) / 60:.1f} min in all')
 
 
 if __name__ == '__main__':

@@ -114,22 +114,29 @@ def test_two_workers_on_localhost_train_and_write_one_checkpoint(image_folder, t
     assert '2 replica(s)' in outputs[0][0]
 
 
-def test_mixed_precision_keeps_the_loss_terms_float32_and_finite(image_folder, tmp_path):
-    config = train.Config(model='optimal', batch_size=8, z_dim=4, mixed_precision=True, channels=1,
-                          output_dir=str(tmp_path), experiment_name='mp')
+@pytest.mark.parametrize('precision, compute, scaled', [('float16', 'float16', True),
+                                                       ('bfloat16', 'bfloat16', False)])
+def test_mixed_precision_keeps_the_loss_terms_float32_and_finite(image_folder, tmp_path, precision,
+                                                                 compute, scaled):
     import keras
-    keras.mixed_precision.set_dtype_policy('mixed_float16')
+    config = train.Config(model='sigma_pixel', batch_size=8, z_dim=4, mixed_precision=precision,
+                          channels=1, output_dir=str(tmp_path), experiment_name='mp')
+    keras.mixed_precision.set_dtype_policy(train.POLICIES[precision])
     try:
         trainer = train.Trainer(config)
-        assert trainer.vae.encoder.layers[1].compute_dtype == 'float16'
+        assert trainer.vae.encoder.layers[1].compute_dtype == compute
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer) == scaled
         x = tf.random.uniform((8, 28, 28, 1), -1, 1)
-        x_hat, mu, log_var = trainer.vae(x, tf.zeros((8, 4)), training=True)
-        assert (x_hat.dtype, mu.dtype, log_var.dtype) == (tf.float32,) * 3
+        params, mu, log_var = trainer.vae(x, tf.zeros((8, 4)), training=True)
+        assert (params.dtype, mu.dtype, log_var.dtype) == (tf.float32,) * 3
         stats = trainer.train_step(x)
         for name, value in stats.items():
             assert value.dtype == tf.float32 and np.isfinite(float(value)), name
-        assert trainer.vae.likelihood.sigma2_avg.dtype == 'float32'
+        assert all(v.dtype == 'float32' for v in trainer.vae.weights)
     finally:
         keras.mixed_precision.set_dtype_policy('float32')
-    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path), '--mixed_precision',
-                '--max_steps', '2'] + TINY) == 0
+    args = ['--dataset', image_folder, '--output_dir', str(tmp_path), '--max_steps', '2'] + TINY
+    flag = ['--mixed_precision'] if precision == 'float16' else ['--mixed_precision', precision]
+    assert run(args + flag) == 0
+    assert json.load(open(tmp_path / 'sigma' / 'config.json'))['mixed_precision'] == precision
+    assert run(args + ['--max_steps', '3']) == 2  # resuming in another precision is refused
