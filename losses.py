@@ -234,6 +234,12 @@ class Likelihood(keras.layers.Layer):
         del global_batch
         return tf.reduce_sum(objective_values), tf.reduce_sum(kl_values)
 
+    def effective_beta(self, beta, log_sigma, num_values, z_dim):
+        """The KL weight of the `gaussian` decoder (sigma = 1) whose objective has the same
+        minimisers as this decoder's with KL weight beta and (test) log sigma: None when there
+        is none (a non-Gaussian likelihood)."""
+        return None
+
     def bins(self, x, loc, scale):
         """Standardized edges of the 8-bit bin of every value of x, and the open edge bins.
 
@@ -263,6 +269,13 @@ class Gaussian(Likelihood):
         return log_bin_mass(log_ndtr, *self.bins(x, self.mean(params), tf.exp(log_sigma)))
 
 
+    def effective_beta(self, beta, log_sigma, num_values, z_dim):
+        """sum (x - x_hat)^2 / (2 sigma^2) + beta KL is sigma^-2 (sum (x - x_hat)^2 / 2 + beta
+        sigma^2 KL): the gaussian objective with KL weight beta sigma^2, scaled (for a sigma
+        predicted per value, log_sigma is the mean log sigma: sigma^2 is a geometric mean)."""
+        return beta * math.exp(2.0 * log_sigma)
+
+
 class MSE(Gaussian):
     """The original's "don't do this" baseline: the mean over batch and values of
     (x - x_hat)^2, with the KL averaged over batch and latent dimensions. It has no
@@ -271,6 +284,11 @@ class MSE(Gaussian):
     def train_terms(self, x, params, global_mean=tf.reduce_mean):
         values, nll, log_sigma = super().train_terms(x, params, global_mean)
         return tf.square(x - self.mean(params)), nll, log_sigma
+
+    def effective_beta(self, beta, log_sigma, num_values, z_dim):
+        """mean (x - x_hat)^2 + beta mean KL = 2 / (N D) (sum (x - x_hat)^2 / 2 + beta D / (2 Z)
+        sum KL): the gaussian objective with KL weight beta D / (2 Z), scaled."""
+        return beta * num_values / (2.0 * z_dim)
 
     def reduce(self, objective_values, kl_values, global_batch):
         """Means over the global batch (whose size a replica's sums are divided by)."""

@@ -9,6 +9,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 
+
+
+def pytest_configure(config):
+    # Keras' own saving code converts tensors with np.array(x, copy=False), which NumPy 2
+    # deprecates; not ours to fix.
+    config.addinivalue_line(
+        'filterwarnings', 'ignore:__array__ implementation:DeprecationWarning:keras.src.backend.tensorflow.core')
+
+
 TINY = ['--batch_size', '8', '--z_dim', '4', '--sample_every', '2', '--seed', '1']
 
 

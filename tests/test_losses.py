@@ -138,3 +138,36 @@ def test_bits_per_dim_closed_form():
     assert losses.bits_per_dim(0.0, D, math.log(255.0)) == pytest.approx(math.log2(255.0))
     assert losses.bits_per_dim(-100.0, 784) == pytest.approx(
         (-100 + 784 * math.log(127.5)) / (784 * math.log(2)))
+
+
+def objective_gradients(likelihood, beta, x, net, mu, log_var):
+    with tf.GradientTape() as tape:
+        values, _, _ = likelihood.train_terms(x, net(mu))
+        rec, kl = likelihood.reduce(values, losses.kl_divergence(mu, log_var), B)
+        loss = rec + beta * kl
+    return [g.numpy() for g in tape.gradient(loss, net.trainable_variables + [mu, log_var])]
+
+
+@pytest.mark.parametrize('name, log_sigma', [('sigma', -1.3), ('mse', 0.0)])
+def test_effective_beta_is_the_gaussian_kl_weight_with_the_same_gradients(name, log_sigma):
+    # A decoder with KL weight beta and the gaussian (sigma = 1) decoder with KL weight
+    # effective_beta have proportional gradients: the same minimisers, the same Adam steps.
+    x, _, mu, _ = batch()
+    x_flat = x.reshape(B, D)
+    net = tf.keras.layers.Dense(D, activation='tanh')
+    net.build((None, Z))
+    mu = tf.Variable(mu)  # the KL's gradient reaches the encoder through mu and log_var
+    log_var = tf.Variable(RNG.normal(scale=0.5, size=(B, Z)).astype(np.float32))
+    likelihood = losses.DECODERS[name](log_sigma_min=None)
+    if name == 'sigma':
+        likelihood.log_sigma.assign(log_sigma)
+    beta = 0.7
+    effective = likelihood.effective_beta(beta, log_sigma, D, Z)
+    expected = {'sigma': beta * math.exp(2 * log_sigma), 'mse': beta * D / (2 * Z)}[name]
+    assert effective == pytest.approx(expected)
+    got = objective_gradients(likelihood, beta, x_flat, net, mu, log_var)
+    want = objective_gradients(losses.Gaussian(), effective, x_flat, net, mu, log_var)
+    scale = want[0].ravel() @ got[0].ravel() / (got[0].ravel() @ got[0].ravel())
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(scale * g, w, rtol=1e-4, atol=1e-6 * np.abs(w).max())
+    assert losses.DECODERS['logistic']().effective_beta(beta, -1.0, D, Z) is None
