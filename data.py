@@ -179,6 +179,31 @@ def _read_image(path, mode, size):
         return e
 
 
+def read_images(path, image_size, channels):
+    """A PNG/JPEG file, or every one under a folder, as a run sees them: uint8
+    (N, image_size, image_size, channels), converted to its channels and resized as
+    `load_folder` does; and their paths, sorted. Unreadable files under a folder are
+    skipped with one warning; a path that gives no image raises UsageError."""
+    if os.path.isdir(path):
+        files = list_images(path)
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise UsageError(f"image path '{path}' does not exist")
+    mode = 'L' if channels == 1 else 'RGB'
+    results = [_read_image(p, mode, image_size) for p in files]
+    bad = [(p, r) for p, r in zip(files, results) if isinstance(r, Exception)]
+    if bad and len(bad) < len(files):
+        print(f'warning: skipped {len(bad)} of {len(files)} image files that could not be read, '
+              f'e.g. {bad[0][0]} ({type(bad[0][1]).__name__})', file=sys.stderr)
+    kept = [(p, r) for p, r in zip(files, results) if not isinstance(r, Exception)]
+    if not kept and not os.path.isdir(path):
+        raise UsageError(f"cannot read image '{path}' ({type(bad[0][1]).__name__})")
+    if not kept:
+        raise UsageError(f"image folder '{path}' holds no readable PNG/JPEG file")
+    return np.stack([r for _, r in kept]), [p for p, _ in kept]
+
+
 def load_folder(folder, image_size, seed=0):
     """PNG/JPEG files under `folder`, read into memory at image_size; a seeded 10% is the test split.
 
@@ -240,6 +265,13 @@ def to_uint8(images, data_range='-1,1'):
     low, high = DATA_RANGES[data_range]
     pixels = (np.asarray(images, np.float64) - low) * (255.0 / (high - low))
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def to_uint8_tensor(images, data_range='-1,1'):
+    """`to_uint8` in TensorFlow, for graphs (float64, rounding half to even as NumPy)."""
+    low, high = DATA_RANGES[data_range]
+    pixels = (tf.cast(images, tf.float64) - low) * (255.0 / (high - low))
+    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
 
 
 def log_scale(data_range='-1,1'):
