@@ -179,29 +179,37 @@ def _read_image(path, mode, size):
         return e
 
 
-def read_images(path, image_size, channels):
-    """A PNG/JPEG file, or every one under a folder, as a run sees them: uint8
-    (N, image_size, image_size, channels), converted to its channels and resized as
-    `load_folder` does; and their paths, sorted. Unreadable files under a folder are
-    skipped with one warning; a path that gives no image raises UsageError."""
-    if os.path.isdir(path):
-        files = list_images(path)
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise UsageError(f"image path '{path}' does not exist")
-    mode = 'L' if channels == 1 else 'RGB'
-    results = [_read_image(p, mode, image_size) for p in files]
+def _read_files(files, mode, size):
+    """[(path, uint8 (size, size, C))] of the files that decode, read in parallel in `mode`;
+    one warning counts the others."""
+    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        results = list(tqdm(pool.map(lambda p: _read_image(p, mode, size), files),
+                            total=len(files), desc='reading images', unit='file',
+                            disable=len(files) < 1000, leave=False))
     bad = [(p, r) for p, r in zip(files, results) if isinstance(r, Exception)]
-    if bad and len(bad) < len(files):
+    if bad:
         print(f'warning: skipped {len(bad)} of {len(files)} image files that could not be read, '
-              f'e.g. {bad[0][0]} ({type(bad[0][1]).__name__})', file=sys.stderr)
-    kept = [(p, r) for p, r in zip(files, results) if not isinstance(r, Exception)]
-    if not kept and not os.path.isdir(path):
-        raise UsageError(f"cannot read image '{path}' ({type(bad[0][1]).__name__})")
+              f'e.g. {bad[0][0]} ({type(bad[0][1]).__name__}: {bad[0][1]})', file=sys.stderr)
+    return [(p, r) for p, r in zip(files, results) if not isinstance(r, Exception)]
+
+
+def read_images(path, image_size, channels):
+    """A PNG/JPEG file, or every one under a folder, as a run of `channels` sees them (as
+    `load_folder` reads them): uint8 (N, image_size, image_size, channels), and their paths,
+    sorted. Unreadable files under a folder are skipped with one warning; a path that gives
+    no image raises UsageError."""
+    mode = 'L' if channels == 1 else 'RGB'
+    if os.path.isfile(path):
+        image = _read_image(path, mode, image_size)
+        if isinstance(image, Exception):
+            raise UsageError(f"cannot read image '{path}' ({type(image).__name__})")
+        return image[None], [path]
+    if not os.path.isdir(path):
+        raise UsageError(f"image path '{path}' does not exist")
+    kept = _read_files(list_images(path), mode, image_size)
     if not kept:
         raise UsageError(f"image folder '{path}' holds no readable PNG/JPEG file")
-    return np.stack([r for _, r in kept]), [p for p, _ in kept]
+    return np.stack([image for _, image in kept]), [p for p, _ in kept]
 
 
 def load_folder(folder, image_size, seed=0):
@@ -223,15 +231,7 @@ def load_folder(folder, image_size, seed=0):
         except Exception:
             modes.append(None)
     mode = 'L' if all(m in GRAY_MODES for m in modes if m is not None) else 'RGB'
-    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-        results = list(tqdm(pool.map(lambda p: _read_image(p, mode, image_size), files),
-                            total=len(files), desc='reading images', unit='file',
-                            disable=len(files) < 1000, leave=False))
-    bad = [(p, r) for p, r in zip(files, results) if isinstance(r, Exception)]
-    if bad:
-        print(f'warning: skipped {len(bad)} of {len(files)} image files that could not be read, '
-              f'e.g. {bad[0][0]} ({type(bad[0][1]).__name__}: {bad[0][1]})', file=sys.stderr)
-    kept = [(p, r) for p, r in zip(files, results) if not isinstance(r, Exception)]
+    kept = _read_files(files, mode, image_size)
     if len(kept) < 2:
         raise UsageError(f"image folder '{folder}' holds {len(kept)} readable PNG/JPEG files; "
                          f"it needs at least 2 (a train and a test image)")
