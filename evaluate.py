@@ -421,7 +421,7 @@ def make_parser():
                         '(the Gaussian mixture of prior_gmm.npz, fitted first if missing or stale)')
     p.add_argument('--components', type=int, default=None,
                    help='components of the mixture prior; refit if the stored one has another '
-                        f'number (default: the stored one, or {GMM_COMPONENTS} for a new fit)')
+                        f'number (None: the stored one, or {GMM_COMPONENTS} for a new fit)')
     return p
 
 

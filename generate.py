@@ -275,7 +275,7 @@ def dim_list(text):
 def make_parser():
     parser = argparse.ArgumentParser(prog='generate.py', description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog='\n'.join(__doc__.splitlines()[2:]))
+                                     epilog=__doc__.split('\n\n')[-1])
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     def command(name, function, description):
@@ -290,7 +290,7 @@ def make_parser():
 
     seed_help = 'seed of the prior samples; the same seed gives the same images'
     components_help = ('components of the mixture prior; refit if the stored one has another '
-                       f'number (default: the stored one, or {evaluate.GMM_COMPONENTS} for a new fit)')
+                       f'number (None: the stored one, or {evaluate.GMM_COMPONENTS} for a new fit)')
 
     c = command('sample', sample, 'N images from the prior')
     c.add_argument('--n', type=positive_int, default=100, help='number of images')
@@ -317,19 +317,19 @@ def make_parser():
 
     c = command('traverse', traverse, 'one latent dimension at a time around a seed z')
     c.add_argument('--dims', type=dim_list, default=None,
-                   help='comma-separated latent dimensions, one row each (default: all)')
+                   help='comma-separated latent dimensions, one row each (None: all)')
     c.add_argument('--range', type=positive_float, default=3.0,
                    help='each dimension takes --steps values from -range to +range')
     c.add_argument('--steps', type=at_least_two, default=9, help='values per dimension')
     c.add_argument('--image', default=None,
-                   help="the seed z is this image's encoding (mu); default: z ~ N(0, I) by --seed")
+                   help="the seed z is this image's encoding (mu) (None: z ~ N(0, I) by --seed)")
     c.add_argument('--seed', type=int, default=0, help=seed_help)
     out(c)
 
     c = command('encode', encode_command, 'mu and log sigma^2 of the encoder for each image')
     c.add_argument('--images', required=True,
                    help="a folder of PNG/JPEG files (or one file), or 'test': the run's test split")
-    c.add_argument('--n', type=positive_int, default=None, help='at most this many images (default: all)')
+    c.add_argument('--n', type=positive_int, default=None, help='at most this many images (None: all)')
     out(c, "FILE.npz: mu and log_var (N x Z, float32) and the images' names")
 
     c = command('fit_prior', fit_prior, 'fit the Gaussian mixture prior to the encoder means of the '
