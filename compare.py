@@ -3,8 +3,9 @@
 python compare.py --dataset fashion_mnist --epochs 5 --beta_vae 0.1 --output_dir output/compare
 
 Writes into --output_dir one run folder per model (resumed if present), and
-results.md (the table), results.json, samples.png (each model's 10x10 prior
-samples, labelled) and bits_per_dim.png (test bits/dim against training steps).
+results.md (the table, with the FID under the N(0, I) prior and under the ex-post
+Gaussian mixture prior), results.json, samples.png (each model's 10x10 samples of
+both priors, labelled) and bits_per_dim.png (test bits/dim against training steps).
 """
 import argparse
 import json
@@ -28,7 +29,8 @@ COLUMNS = [  # (header, key in the evaluation, format)
     ('8-bit bits/dim', 'test_bits_per_dim_discrete', '{:.3f}'),
     ('IW 8-bit bits/dim', 'iw_bits_per_dim_discrete', '{:.3f}'),
     ('test MSE', 'test_mse', '{:.4f}'), ('KL (nats)', 'test_kl', '{:.1f}'),
-    ('log σ', 'test_log_sigma', '{:.2f}'), ('FID', 'fid', '{:.2f}'),
+    ('log σ', 'test_log_sigma', '{:.2f}'), ('FID N(0, I)', 'fid', '{:.2f}'),
+    ('FID GMM', 'fid_gmm', '{:.2f}'),
     ('train time', 'train_seconds', '{:.0f} s'),
 ]
 
@@ -56,6 +58,8 @@ def make_parser():
     p.add_argument('--fid_samples', type=int, default=10000, help='as for evaluate.py')
     p.add_argument('--features', choices=evaluate.FEATURE_EXTRACTORS, default='domain',
                    help='FID features, as for evaluate.py')
+    p.add_argument('--components', type=int, default=evaluate.GMM_COMPONENTS,
+                   help='components of the Gaussian mixture prior fitted to each run')
     return p
 
 
@@ -66,7 +70,8 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in losses.DECODERS]
     if unknown or not args.models:
         parser.error(f'--models must list models of {list(losses.DECODERS)}, got {args.models}')
-    for name in ('epochs', 'batch_size', 'z_dim', 'iw_samples', 'fid_samples', 'max_steps', 'iw_images'):
+    for name in ('epochs', 'batch_size', 'z_dim', 'iw_samples', 'fid_samples', 'max_steps', 'iw_images',
+                 'components'):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f'--{name} must be positive, got {value}')
@@ -98,19 +103,24 @@ def markdown_table(rows):
     return '\n'.join(lines) + '\n'
 
 
-def samples_figure(path, labelled_grids):
-    """Puts each run's sample grid side by side under its label."""
+def samples_figure(path, rows):
+    """Sample grids in rows (one per prior) of columns (one per run), each under its label.
+
+    rows: lists of (label, path of a grid PNG), all of one length.
+    """
     label_height, gap = 24, 8
-    grids = [np.asarray(Image.open(p).convert('RGB')) for _, p in labelled_grids]
-    h = max(g.shape[0] for g in grids)
-    w = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)
-    canvas = Image.new('RGB', (w, h + label_height), 'white')
+    grids = [[np.asarray(Image.open(p).convert('RGB')) for _, p in row] for row in rows]
+    h = max(g.shape[0] for row in grids for g in row) + label_height
+    widths = [max(g.shape[1] for g in column) for column in zip(*grids)]
+    canvas = Image.new('RGB', (sum(widths) + gap * (len(widths) - 1),
+                               len(rows) * h + gap * (len(rows) - 1)), 'white')
     draw = ImageDraw.Draw(canvas)
-    x = 0
-    for (label, _), grid in zip(labelled_grids, grids):
-        draw.text((x + 4, 5), label, fill='black')
-        canvas.paste(Image.fromarray(grid), (x, label_height))
-        x += grid.shape[1] + gap
+    for r, (row, row_grids) in enumerate(zip(rows, grids)):
+        x, y = 0, r * (h + gap)
+        for (label, _), grid, w in zip(row, row_grids, widths):
+            draw.text((x + 4, y + 5), label, fill='black')
+            canvas.paste(Image.fromarray(grid), (x, y + label_height))
+            x += w + gap
     utils.atomic_write(path, lambda tmp: canvas.save(tmp, format='PNG'))
 
 
@@ -145,8 +155,10 @@ def compare(args):
         train.train(config)
         print(f'[{i + 1}/{len(plan)}] {label}: evaluating', flush=True)
         result = evaluate.evaluate_run(config.run_dir, args.iw_samples, args.iw_images,
-                                       args.fid_samples, args.features)
+                                       args.fid_samples, args.features,
+                                       components=args.components)
         result['fid'] = result.get(f'fid_{args.features}')
+        result['fid_gmm'] = result.get(f'fid_{args.features}_gmm')
         results.append({'name': label, **result})
     write_outputs(args, results)
     print(markdown_table(results))
@@ -159,18 +171,22 @@ def write_outputs(args, results):
     out = args.output_dir
     utils.write_text(os.path.join(out, 'results.json'), json.dumps(results, indent=2) + '\n')
     title = f'{args.dataset}, data range [{args.data_range}]'
-    details = (f'{title}; FID features: {args.features}, N = {args.fid_samples}; '
-               f'IW-NLL with K = {args.iw_samples} on '
+    details = (f'{title}; FID features: {args.features}, N = {args.fid_samples}, samples of the '
+               f'N(0, I) prior and of a {args.components}-component Gaussian mixture fitted to '
+               f'the encoder means of the training split (GMM); IW-NLL with K = {args.iw_samples} on '
                f"{f'the first {args.iw_images}' if args.iw_images else 'all'} test images")
     utils.write_text(os.path.join(out, 'results.md'), f'{details}\n\n' + markdown_table(results))
-    grids, curves = [], []
+    normal, gmm, curves = [], [], []
     for r in results:
         run_dir = r['run']
-        grids.append((r['name'], os.path.join(run_dir, 'images', f"samples_{r['step']:08d}.png")))
+        normal.append((f"{r['name']}, N(0,I)",
+                       os.path.join(run_dir, 'images', f"samples_{r['step']:08d}.png")))
+        gmm.append((f"{r['name']}, GMM",
+                    os.path.join(run_dir, 'images', f"samples_gmm_{r['step']:08d}.png")))
         rows = utils.read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
         curves.append((r['name'], [row['step'] for row in rows],
                        [row['test_bits_per_dim'] for row in rows]))
-    samples_figure(os.path.join(out, 'samples.png'), grids)
+    samples_figure(os.path.join(out, 'samples.png'), [normal, gmm])
     bits_per_dim_plot(os.path.join(out, 'bits_per_dim.png'), curves, title)
 
 

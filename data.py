@@ -183,6 +183,39 @@ def _read_image(path, mode, size):
         return e
 
 
+def _read_files(files, mode, size):
+    """[(path, uint8 (size, size, C))] of the files that decode, read in parallel in `mode`;
+    one warning counts the others."""
+    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        results = list(tqdm(pool.map(lambda p: _read_image(p, mode, size), files),
+                            total=len(files), desc='reading images', unit='file',
+                            disable=len(files) < 1000, leave=False))
+    bad = [(p, r) for p, r in zip(files, results) if isinstance(r, Exception)]
+    if bad:
+        print(f'warning: skipped {len(bad)} of {len(files)} image files that could not be read, '
+              f'e.g. {bad[0][0]} ({type(bad[0][1]).__name__}: {bad[0][1]})', file=sys.stderr)
+    return [(p, r) for p, r in zip(files, results) if not isinstance(r, Exception)]
+
+
+def read_images(path, image_size, channels):
+    """A PNG/JPEG file, or every one under a folder, as a run of `channels` sees them (as
+    `load_folder` reads them): uint8 (N, image_size, image_size, channels), and their paths,
+    sorted. Unreadable files under a folder are skipped with one warning; a path that gives
+    no image raises UsageError."""
+    mode = 'L' if channels == 1 else 'RGB'
+    if os.path.isfile(path):
+        image = _read_image(path, mode, image_size)
+        if isinstance(image, Exception):
+            raise UsageError(f"cannot read image '{path}' ({type(image).__name__})")
+        return image[None], [path]
+    if not os.path.isdir(path):
+        raise UsageError(f"image path '{path}' does not exist")
+    kept = _read_files(list_images(path), mode, image_size)
+    if not kept:
+        raise UsageError(f"image folder '{path}' holds no readable PNG/JPEG file")
+    return np.stack([image for _, image in kept]), [p for p, _ in kept]
+
+
 def load_folder(folder, image_size, seed=0):
     """PNG/JPEG files under `folder`, read into memory at image_size; a seeded 10% is the test split.
 
@@ -202,15 +235,7 @@ def load_folder(folder, image_size, seed=0):
         except Exception:
             modes.append(None)
     mode = 'L' if all(m in GRAY_MODES for m in modes if m is not None) else 'RGB'
-    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-        results = list(tqdm(pool.map(lambda p: _read_image(p, mode, image_size), files),
-                            total=len(files), desc='reading images', unit='file',
-                            disable=len(files) < 1000, leave=False))
-    bad = [(p, r) for p, r in zip(files, results) if isinstance(r, Exception)]
-    if bad:
-        print(f'warning: skipped {len(bad)} of {len(files)} image files that could not be read, '
-              f'e.g. {bad[0][0]} ({type(bad[0][1]).__name__}: {bad[0][1]})', file=sys.stderr)
-    kept = [(p, r) for p, r in zip(files, results) if not isinstance(r, Exception)]
+    kept = _read_files(files, mode, image_size)
     if len(kept) < 2:
         raise UsageError(f"image folder '{folder}' holds {len(kept)} readable PNG/JPEG files; "
                          f"it needs at least 2 (a train and a test image)")
@@ -244,6 +269,13 @@ def to_uint8(images, data_range='-1,1'):
     low, high = DATA_RANGES[data_range]
     pixels = (np.asarray(images, np.float64) - low) * (255.0 / (high - low))
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def to_uint8_tensor(images, data_range='-1,1'):
+    """`to_uint8` in TensorFlow, for graphs (float64, rounding half to even as NumPy)."""
+    low, high = DATA_RANGES[data_range]
+    pixels = (tf.cast(images, tf.float64) - low) * (255.0 / (high - low))
+    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
 
 
 def log_scale(data_range='-1,1'):

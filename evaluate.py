@@ -3,8 +3,11 @@
 Reports the -ELBO, an importance-weighted estimate of -log p(x) with K samples,
 bits/dim, the test MSE, and the FID between N prior samples and N test images,
 with features from a small classifier trained on the data set's own labels
-(offline; trained once and cached) or Keras' InceptionV3. Writes
-<run>/evaluation.json and, with --export, the N samples as samples.npz and PNGs.
+(offline; trained once and cached) or Keras' InceptionV3, under two priors:
+N(0, I) and the ex-post Gaussian mixture fitted to the encoder means of the
+training split (prior_gmm.npz, fitted here when missing or stale; generate.py
+samples it too). Writes <run>/evaluation.json and, with --export, the N samples
+as samples.npz and PNGs.
 """
 import argparse
 import json
@@ -12,6 +15,8 @@ import math
 import os
 import sys
 import time
+import warnings
+import zipfile
 
 import utils  # first: TensorFlow starts quietly
 utils.quiet_tensorflow()
@@ -29,6 +34,13 @@ from utils import UsageError  # noqa: E402
 FEATURE_EXTRACTORS = ('domain', 'inception', 'none')
 CLASSIFIER_EPOCHS = 3
 INCEPTION_SIZE = 299
+# N(0, I), or the Gaussian mixture fitted to the encoder means (prior_gmm.npz), and the
+# suffix of their FID keys and exported files.
+PRIORS = {'normal': '', 'gmm': '_gmm'}
+GMM_FILE = 'prior_gmm.npz'
+GMM_COMPONENTS = 10
+BATCH = 500  # images per encoder or decoder call
+PROGRESS_MIN = 5000  # images from which a progress bar is shown
 
 
 # ---- the Frechet distance ---------------------------------------------------
@@ -168,31 +180,164 @@ def importance_weighted_nll(vae, test_ds, num_samples, max_images=None, seed=0):
     return nll, discrete, seen
 
 
-def prior_samples(vae, config, n, seed=0):
-    """n decoded samples of z ~ N(0, I) as uint8 (fixed seed)."""
-    z = tf.random.stateless_normal((n, config.z_dim), seed=[seed, 2])
-    out = [vae.decode(z[i:i + 500]) for i in range(0, n, 500)]
-    return data.to_uint8(np.concatenate(out), config.data_range)
+# ---- the priors: N(0, I) and the ex-post Gaussian mixture -----------------------
+
+def decode_images(vae, z, data_range, desc='decoding'):
+    """z (N, Z) -> the decoder means as uint8 (N, S, S, C), in batches of BATCH (a progress
+    bar when N is large)."""
+    batches = range(0, len(z), BATCH)
+    out = [vae.decode(z[i:i + BATCH]) for i in tqdm(batches, desc=desc, unit='batch', leave=False,
+                                                   disable=len(z) < PROGRESS_MIN)]
+    return data.to_uint8(np.concatenate(out), data_range)
 
 
-def export_samples(folder, samples, data_range):
-    """samples.npz (uint8 'images', with their range) and one PNG per sample."""
-    npz = os.path.join(folder, 'samples.npz')
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            np.savez_compressed(f, images=samples, pixel_range=np.array('uint8 0-255'),
-                                model_data_range=np.array(data_range))
-    utils.atomic_write(npz, write)
-    png_dir = os.path.join(folder, 'samples_png')
-    os.makedirs(png_dir, exist_ok=True)
-    for i, image in enumerate(samples):
-        utils.save_png(os.path.join(png_dir, f'{i:06d}.png'), image)
+def prior_z(n, z_dim, seed=0, gmm=None):
+    """n latent codes (n, z_dim), float32, fixed by seed: z ~ N(0, I), or from the Gaussian
+    mixture `gmm` (a dict of `fit_gmm`'s arrays) when it is given."""
+    if gmm is not None:
+        return sample_gmm(gmm, n, seed).astype(np.float32)
+    return tf.random.stateless_normal((n, z_dim), seed=[seed, 2]).numpy()
+
+
+def prior_samples(vae, config, n, seed=0, gmm=None):
+    """n decoded samples of the prior (N(0, I), or the mixture `gmm`) as uint8 (fixed seed)."""
+    return decode_images(vae, prior_z(n, config.z_dim, seed, gmm), config.data_range,
+                         'sampling the ' + ('mixture' if gmm is not None else 'normal') + ' prior')
+
+
+def fit_gmm(means, components, seed=0):
+    """A Gaussian mixture with full covariances fitted by EM (scikit-learn) to means (N, Z).
+
+    Returns plain arrays: weights (K,), means (K, Z), covariances (K, Z, Z), and how the
+    fit went (converged, n_iter).
+    """
+    from sklearn.mixture import GaussianMixture  # only the fit needs scikit-learn
+    from threadpoolctl import threadpool_limits
+    if not 1 <= components <= len(means):
+        raise UsageError(f'--components must be between 1 and the number of means '
+                         f'({len(means)}), got {components}')
+    mixture = GaussianMixture(components, covariance_type='full', random_state=seed)
+    # EM's products are (N, Z) x (Z, Z): too thin for BLAS threads, which made the fit of
+    # 60,000 20-d means 3-4 times slower on 2 busy cores (16 s against 4 s on one thread).
+    with warnings.catch_warnings(), threadpool_limits(1, user_api='blas'):
+        warnings.simplefilter('ignore')  # non-convergence is reported in the result instead
+        mixture.fit(np.asarray(means, np.float64))
+    return {'weights': mixture.weights_, 'means': mixture.means_,
+            'covariances': mixture.covariances_, 'converged': np.array(mixture.converged_),
+            'n_iter': np.array(mixture.n_iter_)}
+
+
+def sample_gmm(gmm, n, seed=0):
+    """n draws (n, Z), float64, from a mixture of `fit_gmm`'s arrays, fixed by seed (NumPy):
+    a component k by its weight, then means[k] + L_k eps with L_k L_k^T = covariances[k]."""
+    rng = np.random.default_rng(seed)
+    weights = np.asarray(gmm['weights'], np.float64)
+    k = rng.choice(len(weights), size=n, p=weights / weights.sum())
+    eps = rng.standard_normal((n, gmm['means'].shape[1]))
+    cholesky = np.linalg.cholesky(gmm['covariances'])
+    return gmm['means'][k] + np.einsum('nij,nj->ni', cholesky[k], eps)
+
+
+def encode_images(vae, images, num_images, config):
+    """mu and log_var (N, Z), float32, of uint8 images (an unbatched tf.data set of num_images
+    or an array), in evaluation mode, in batches of BATCH (a progress bar when N is large)."""
+    if isinstance(images, np.ndarray):
+        images = tf.data.Dataset.from_tensor_slices(images)
+    encode = tf.function(lambda x: vae.encoder(x, training=False), reduce_retracing=True)
+    batches = data.make_pipeline(images, config.image_size, BATCH, drop_remainder=False,
+                                 data_range=config.data_range)
+    out = [[t.numpy() for t in encode(x)] for x in tqdm(
+        batches, desc='encoding', unit='batch', total=math.ceil(num_images / BATCH), leave=False,
+        disable=num_images < PROGRESS_MIN)]
+    return tuple(np.concatenate(t) for t in zip(*out))
+
+
+def fit_prior(run_dir, config, vae, state, components=GMM_COMPONENTS, why=None):
+    """Fits the ex-post prior (Ghosh et al. 2020): a Gaussian mixture over the encoder means
+    of the whole training split; saves it as <run_dir>/prior_gmm.npz (plain arrays, with
+    the checkpoint step it belongs to), says so on one line (ending with `why`, if given)
+    and returns it."""
+    path = os.path.join(run_dir, GMM_FILE)
+    start = time.time()
+    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    means, _ = encode_images(vae, splits.train, splits.num_train, config)
+    encoded = time.time()
+    gmm = fit_gmm(means, components, config.seed)
+    fitted = time.time()
+    gmm.update(step=np.array(int(state.step.numpy())), components=np.array(components),
+               seed=np.array(config.seed), num_means=np.array(len(means)),
+               fit_seconds=np.array(fitted - encoded))
+    try:
+        utils.save_npz(path, **gmm)
+    except OSError as e:
+        raise UsageError(f'cannot write {path}: {e.strerror}') from None
+    print(f'fitted a {components}-component Gaussian mixture (full covariances) to the '
+          f'{len(means)} encoder means of the training split in {fitted - encoded:.1f} s '
+          f"({gmm['n_iter']} EM iterations{'' if gmm['converged'] else ', not converged'}; "
+          f'encoding took {encoded - start:.1f} s): {path}' + (f', as {why}' if why else ''),
+          flush=True)
+    return gmm
+
+
+def read_prior(path):
+    """The arrays of a prior_gmm.npz; ValueError if they are not a mixture's."""
+    with np.load(path, allow_pickle=False) as f:
+        gmm = {k: f[k] for k in f.files}
+    missing = {'weights', 'means', 'covariances', 'step', 'components'} - set(gmm)
+    if missing:
+        raise ValueError(f"no {', '.join(sorted(missing))}")
+    k, z_dim = gmm['means'].shape
+    if gmm['weights'].shape != (k,) or gmm['covariances'].shape != (k, z_dim, z_dim):
+        raise ValueError('the arrays do not fit together')
+    return gmm
+
+
+def load_prior(run_dir, config, vae, state, components=None):
+    """The run's ex-post prior, fitted now (saying why on one line) if there is none, if it
+    belongs to an older checkpoint than the run's newest, or if it has another number of
+    components than `components` (None: any; GMM_COMPONENTS when it is fitted now)."""
+    try:
+        gmm = read_prior(os.path.join(run_dir, GMM_FILE))
+        reason = _why_refit(gmm, int(state.step.numpy()), components, config.z_dim)
+    except FileNotFoundError:
+        gmm, reason = None, 'the run had none'
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        gmm, reason = None, f'the stored one cannot be read ({e})'
+    if reason is None:
+        return gmm
+    return fit_prior(run_dir, config, vae, state, components or GMM_COMPONENTS, reason)
+
+
+def _why_refit(gmm, step, components, z_dim):
+    """Why a stored mixture cannot serve the checkpoint of `step`, or None."""
+    if int(gmm['step']) != step:
+        return f"the stored one was fitted at step {int(gmm['step'])} and the checkpoint is at step {step}"
+    if components and int(gmm['components']) != components:
+        return f"the stored one has {int(gmm['components'])} components, not {components}"
+    if gmm['means'].shape[1] != z_dim:
+        return f"the stored one is not of this run's z_dim {z_dim}"
+    return None
+
+
+def export_samples(folder, samples, data_range, name='samples'):
+    """<name>.npz (uint8 'images', with their range) and one PNG per sample in <name>_png/."""
+    npz = os.path.join(folder, name + '.npz')
+    utils.save_npz(npz, images=samples, pixel_range=np.array('uint8 0-255'),
+                   model_data_range=np.array(data_range))
+    png_dir = os.path.join(folder, name + '_png')
+    utils.save_pngs(png_dir, samples)
     return npz, png_dir
 
 
 def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, features='domain',
-                 inception_weights=None, export=False, feature_cache=None):
-    """All the numbers of one run; also written to <run_dir>/evaluation.json."""
+                 inception_weights=None, export=False, feature_cache=None, priors=tuple(PRIORS),
+                 components=None):
+    """All the numbers of one run; also written to <run_dir>/evaluation.json.
+
+    priors: those of PRIORS whose samples get an FID (and are exported); the mixture is the
+    run's prior_gmm.npz, fitted first if it is missing, stale or has another number of
+    components than `components` (see load_prior).
+    """
     start = time.time()
     config, vae, state = train.load_model(run_dir)
     splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
@@ -215,10 +360,19 @@ def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, fe
     if n < fid_samples:
         print(f'the test split has {splits.num_test} images: the FID uses {n} of each',
               file=sys.stderr)
-    samples = prior_samples(vae, config, n, config.seed)
-    if export:
-        result['export'] = export_samples(run_dir, samples, config.data_range)
-    if features != 'none':
+    samples = {}
+    for prior in priors:
+        gmm = load_prior(run_dir, config, vae, state, components) if prior == 'gmm' else None
+        samples[prior] = prior_samples(vae, config, n, config.seed, gmm)
+        if gmm is not None:
+            result['gmm_components'] = int(gmm['components'])
+            # The mixture's 10x10 grid beside the training's N(0, I) grids (compare.py shows both).
+            utils.save_png(os.path.join(run_dir, 'images', f"samples_gmm_{result['step']:08d}.png"),
+                           utils.image_grid(samples[prior][:train.NUM_SAMPLES], 10, 10))
+        if export:
+            result['export' + PRIORS[prior]] = export_samples(
+                run_dir, samples[prior], config.data_range, 'samples' + PRIORS[prior])
+    if features != 'none' and samples:
         result.update(fid(splits, config, test_ds, samples, features, inception_weights,
                           feature_cache))
     result['eval_seconds'] = round(time.time() - start, 1)
@@ -227,8 +381,10 @@ def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, fe
 
 
 def fid(splits, config, test_ds, samples, features, inception_weights=None, feature_cache=None):
-    """The FID between the samples and as many test images, and what the features were."""
-    n = len(samples)
+    """The FID between each prior's samples ({prior: uint8 (N, S, S, C)}) and N test images,
+    as fid_<features> for N(0, I) and fid_<features>_gmm for the mixture; and what the
+    features were."""
+    n = len(next(iter(samples.values())))
     if n < 2:
         raise UsageError('the FID needs at least 2 test images')
     if features == 'domain':
@@ -238,9 +394,10 @@ def fid(splits, config, test_ds, samples, features, inception_weights=None, feat
         extract, info = inception_features(inception_weights)
     real = np.concatenate([data.to_uint8(b, config.data_range)
                            for b in test_ds.unbatch().take(n).batch(1000)])
-    distance = frechet_distance(*feature_statistics(extract(samples)),
-                                *feature_statistics(extract(real)))
-    return {f'fid_{features}': distance, 'fid_samples': n, **info}
+    real_statistics = feature_statistics(extract(real))
+    distances = {f'fid_{features}{PRIORS[prior]}': frechet_distance(
+        *feature_statistics(extract(images)), *real_statistics) for prior, images in samples.items()}
+    return {**distances, 'fid_samples': n, **info}
 
 
 def make_parser():
@@ -257,7 +414,14 @@ def make_parser():
     p.add_argument('--inception_weights', default=None,
                    help='InceptionV3 no-top weights file (.h5); default: Keras downloads them')
     p.add_argument('--export', action='store_true',
-                   help='write the N samples as samples.npz and samples_png/ in the run folder')
+                   help='write the N samples as samples.npz and samples_png/ in the run folder '
+                        '(the mixture prior\'s as samples_gmm.npz and samples_gmm_png/)')
+    p.add_argument('--prior', default=','.join(PRIORS),
+                   help='comma-separated priors whose samples get an FID: normal (N(0, I)), gmm '
+                        '(the Gaussian mixture of prior_gmm.npz, fitted first if missing or stale)')
+    p.add_argument('--components', type=int, default=None,
+                   help='components of the mixture prior; refit if the stored one has another '
+                        f'number (None: the stored one, or {GMM_COMPONENTS} for a new fit)')
     return p
 
 
@@ -270,7 +434,18 @@ def parse_args(argv=None):
             parser.error(f'--{name} must be positive, got {value}')
     if args.fid_samples < 2:
         parser.error('--fid_samples must be at least 2 (a covariance needs two samples)')
+    args.prior = parse_priors(args.prior, parser)
+    if args.components is not None and args.components <= 0:
+        parser.error(f'--components must be positive, got {args.components}')
     return args
+
+
+def parse_priors(text, parser):
+    """'normal,gmm' -> ['normal', 'gmm'], or parser.error for a name not in PRIORS."""
+    priors = [p for p in text.split(',') if p]
+    if not priors or any(p not in PRIORS for p in priors):
+        parser.error(f"--prior must list priors of {', '.join(PRIORS)}, got '{text}'")
+    return list(dict.fromkeys(priors))
 
 
 def print_table(result):
@@ -282,7 +457,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         result = evaluate_run(args.run, args.iw_samples, args.iw_images, args.fid_samples,
-                              args.features, args.inception_weights, args.export)
+                              args.features, args.inception_weights, args.export,
+                              priors=args.prior, components=args.components)
     except UsageError as e:
         print(f'evaluate.py: error: {e}', file=sys.stderr)
         return 2

@@ -418,16 +418,20 @@ class Trainer:
         return stats
 
     def write_images(self, recon_inputs):
+        """The 10x10 grids of prior samples (the fixed z) and of test images beside their
+        reconstructions, as PNGs named by step and as TensorBoard images (images/samples,
+        images/reconstructions) when a default summary writer is set."""
         step = int(self.step.numpy())
         folder = os.path.join(self.config.run_dir, 'images')
         os.makedirs(folder, exist_ok=True)
         data_range = self.config.data_range
         samples = data.to_uint8(self.vae.decode(self.prior_z), data_range)
-        utils.save_png(os.path.join(folder, f'samples_{step:08d}.png'), utils.image_grid(samples, 10, 10))
         pairs = utils.side_by_side(data.to_uint8(recon_inputs, data_range),
                                    data.to_uint8(self.vae.reconstruct(recon_inputs), data_range))
-        utils.save_png(os.path.join(folder, f'reconstructions_{step:08d}.png'),
-                       utils.image_grid(pairs, 10, 10))
+        for name, images in (('samples', samples), ('reconstructions', pairs)):
+            grid = utils.image_grid(images, 10, 10)
+            utils.save_png(os.path.join(folder, f'{name}_{step:08d}.png'), grid)
+            tf.summary.image('images/' + name, grid[None], step=step)  # no-op without a writer
 
 
 def train(config):

@@ -98,6 +98,21 @@ def save_png(path, image):
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format='PNG'))
 
 
+def save_pngs(folder, images):
+    """One PNG per image of (N, H, W, C) uint8, named 000000.png, 000001.png, ... in folder."""
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        save_png(os.path.join(folder, f'{i:06d}.png'), image)
+
+
+def save_npz(path, **arrays):
+    """Writes arrays into a compressed .npz file, atomically (readable without pickle)."""
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            np.savez_compressed(f, **arrays)
+    atomic_write(path, write)
+
+
 def write_text(path, text):
     """Writes a text file atomically."""
     def write(tmp):

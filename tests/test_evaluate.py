@@ -88,15 +88,35 @@ def test_evaluate_cli_writes_json_and_exports_samples(trained_run, capsys):
                 'test_bits_per_dim_discrete', 'iw_bits_per_dim_discrete'):
         assert np.isfinite(result[key]), key
     assert result['fid_domain'] >= 0 and result['fid_samples'] == 4
+    # Both priors by default: the mixture, fitted first (10 components), gets its own FID.
+    assert result['fid_domain_gmm'] >= 0 and result['fid_domain_gmm'] != result['fid_domain']
+    assert result['gmm_components'] == 10
     assert 0 <= result['classifier_test_accuracy'] <= 1
-    assert 'fid_domain' in capsys.readouterr().out
-    exported = np.load(os.path.join(trained_run, 'samples.npz'))
-    images = exported['images']
-    assert images.dtype == np.uint8 and images.shape == (4, 28, 28, 1)
-    assert str(exported['model_data_range']) == '-1,1'
-    for i, image in enumerate(images):
-        png = np.asarray(Image.open(os.path.join(trained_run, 'samples_png', f'{i:06d}.png')))
-        np.testing.assert_array_equal(png, image[..., 0])
+    out = capsys.readouterr().out
+    assert 'fid_domain_gmm' in out and 'fitted a 10-component Gaussian mixture' in out
+    for name in ('samples', 'samples_gmm'):
+        exported = np.load(os.path.join(trained_run, name + '.npz'))
+        images = exported['images']
+        assert images.dtype == np.uint8 and images.shape == (4, 28, 28, 1)
+        assert str(exported['model_data_range']) == '-1,1'
+        for i, image in enumerate(images):
+            png = np.asarray(Image.open(os.path.join(trained_run, name + '_png', f'{i:06d}.png')))
+            np.testing.assert_array_equal(png, image[..., 0])
+    grid = np.asarray(Image.open(os.path.join(trained_run, 'images', 'samples_gmm_00000003.png')))
+    assert grid.shape == (280, 280) and not grid[28:].any()  # 4 samples in the first row
+
+    # One prior alone; the mixture is not fitted again (it belongs to this checkpoint).
+    assert evaluate.main(['--run', trained_run, '--iw_samples', '2', '--fid_samples', '4',
+                          '--prior', 'gmm']) == 0
+    result = json.load(open(os.path.join(trained_run, 'evaluation.json')))
+    assert 'fid_domain' not in result and result['fid_domain_gmm'] >= 0
+    assert 'fitted' not in capsys.readouterr().out
+
+
+def test_evaluate_refuses_an_unknown_prior(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(['--run', 'r', '--prior', 'normal,uniform'])
+    assert e.value.code == 2 and '--prior must list priors of normal, gmm' in capsys.readouterr().err
 
 
 def test_inception_without_weights_offline_is_a_clear_error(trained_run, tmp_path, capsys):
@@ -122,7 +142,9 @@ def test_compare_end_to_end(image_folder, tmp_path):
         assert name in table
     results = json.load(open(out / 'results.json'))
     assert [r['model'] for r in results] == ['sigma', 'logistic', 'gaussian']
-    assert results[-1]['beta'] == 0.1 and all(np.isfinite(r['fid']) for r in results)
-    figure = Image.open(out / 'samples.png')
-    assert figure.width >= 3 * 280 and figure.height > 280
+    assert results[-1]['beta'] == 0.1
+    assert all(np.isfinite(r['fid']) and np.isfinite(r['fid_gmm']) for r in results)
+    assert '| FID N(0, I) | FID GMM |' in table
+    figure = Image.open(out / 'samples.png')  # a row of grids per prior
+    assert figure.width >= 3 * 280 and figure.height > 2 * 280
     assert Image.open(out / 'bits_per_dim.png').size == (700, 450)

@@ -1,0 +1,356 @@
+"""Uses a trained run: python generate.py COMMAND --run output/sigma ...
+
+  sample       N images from the prior: N(0, I) or the ex-post Gaussian mixture (--prior gmm)
+  reconstruct  images (a folder, or the run's test split) beside their reconstructions
+  interpolate  linear and spherical interpolation between the encodings of two images
+  traverse     one latent dimension at a time around a seed z
+  encode       mu and log sigma^2 of the encoder for each image
+  fit_prior    fits the Gaussian mixture prior to the encoder means of the training split
+  export       a TensorFlow SavedModel with the signatures decode, encode and sample
+
+Images are written as --out FILE.png (a grid), FILE.npz (uint8 arrays) or a folder (one
+PNG each). Everything is computed in batches from the run's newest checkpoint and is the
+same for the same --seed.
+"""
+import argparse
+import os
+import shutil
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+from utils import UsageError  # noqa: E402
+
+IMAGE_OUTPUTS = ('.png', '.npz', 'folder')
+GRID_COLUMNS = 10  # images per row of a .png grid (5 input-reconstruction pairs)
+
+
+# ---- where the images come from and where they go -------------------------------
+
+def read_images(source, config, n=None):
+    """uint8 (N, S, S, C) images at the run's size and channels, and their names: the
+    files of a folder (or one file), or the run's test split for 'test'; the first n."""
+    if source != 'test':
+        images, names = data.read_images(source, config.image_size, config.channels)
+        return images[:n], names[:n]
+    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    test = splits.test.take(n) if n else splits.test
+    # Through the run's resize; on [0, 1] the round trip to uint8 is exact.
+    images = np.concatenate([data.to_uint8(b, '0,1') for b in data.make_pipeline(
+        test, config.image_size, evaluate.BATCH, drop_remainder=False, data_range='0,1')])
+    return images, [f'test:{i}' for i in range(len(images))]
+
+
+def read_image(path, config, flag):
+    """One image file -> uint8 (S, S, C) at the run's size and channels."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} must be an image file, '{path}' is a folder")
+    return data.read_images(path, config.image_size, config.channels)[0][0]
+
+
+def output_kind(path, allowed=IMAGE_OUTPUTS):
+    """'.png', '.npz' or 'folder' (no extension, or an existing folder) for --out, checked to
+    be writable before anything is computed; UsageError otherwise."""
+    ext = os.path.splitext(os.path.normpath(path))[1].lower()
+    kind = 'folder' if os.path.isdir(path) or not ext else ext
+    if kind not in allowed:
+        names = {'.png': 'a .png file', '.npz': 'an .npz file', 'folder': 'a folder'}
+        raise UsageError(f"--out must be {' or '.join(names[k] for k in allowed)}, got '{path}'")
+    if kind != 'folder' and os.path.isdir(path):
+        raise UsageError(f"--out '{path}' is a folder, not a {kind} file")
+    existing = os.path.abspath(path if kind == 'folder' else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write --out '{path}': '{existing}' is not a writable folder")
+    return kind
+
+
+def write_output(path, kind, tiles, columns, **arrays):
+    """tiles (N, h, w, C) uint8 as a grid of `columns` (.png) or one PNG each (folder);
+    `arrays` as an .npz."""
+    try:
+        if kind == '.npz':
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            utils.save_npz(path, **arrays)
+        elif kind == '.png':
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            columns = min(columns, len(tiles))
+            utils.save_png(path, utils.image_grid(tiles, -(-len(tiles) // columns), columns))
+        else:
+            utils.save_pngs(path, tiles)
+    except OSError as e:
+        raise UsageError(f"cannot write --out '{path}': {e.strerror}") from None
+    print(f'wrote {path}')
+
+
+def decode(vae, z, config):
+    return evaluate.decode_images(vae, np.asarray(z, np.float32), config.data_range)
+
+
+def encode(vae, images, config):
+    return evaluate.encode_images(vae, images, len(images), config)
+
+
+# ---- the sub-commands -----------------------------------------------------------
+
+def sample(args):
+    config, vae, state = train.load_model(args.run)
+    kind = output_kind(args.out)
+    gmm = (evaluate.load_prior(args.run, config, vae, state, args.components)
+           if args.prior == 'gmm' else None)
+    images = evaluate.prior_samples(vae, config, args.n, args.seed, gmm)
+    write_output(args.out, kind, images, GRID_COLUMNS, images=images, prior=np.array(args.prior))
+
+
+def reconstruct(args):
+    config, vae, _ = train.load_model(args.run)
+    inputs, names = read_images(args.images, config, args.n)
+    kind = output_kind(args.out)
+    reconstructions = decode(vae, encode(vae, inputs, config)[0], config)
+    pairs = np.concatenate([inputs, reconstructions], axis=2)  # each input left of its own
+    write_output(args.out, kind, pairs, GRID_COLUMNS // 2, inputs=inputs,
+                 reconstructions=reconstructions, names=np.array(names))
+
+
+def slerp(a, b, t):
+    """Spherical interpolation (Shoemake 1985; White 2016 for latent codes) between vectors a
+    and b at fractions t (K,) -> (K, Z); linear where a and b are (anti)parallel."""
+    cos = np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12)
+    omega = np.arccos(np.clip(cos, -1.0, 1.0))
+    if np.sin(omega) < 1e-6:
+        return (1 - t)[:, None] * a + t[:, None] * b
+    return (np.sin((1 - t) * omega)[:, None] * a + np.sin(t * omega)[:, None] * b) / np.sin(omega)
+
+
+def interpolate(args):
+    config, vae, _ = train.load_model(args.run)
+    images = np.stack([read_image(args.a, config, '--a'), read_image(args.b, config, '--b')])
+    kind = output_kind(args.out)
+    a, b = encode(vae, images, config)[0].astype(np.float64)
+    t = np.linspace(0.0, 1.0, args.steps)
+    paths = {'linear': (1 - t)[:, None] * a + t[:, None] * b, 'spherical': slerp(a, b, t)}
+    decoded = {k: decode(vae, z, config) for k, z in paths.items()}
+    # Each strip: image a, the K decoded steps from a's encoding to b's, image b.
+    strips = [np.concatenate([images[:1], decoded[k], images[1:]]) for k in paths]
+    write_output(args.out, kind, np.concatenate(strips), args.steps + 2, t=t, inputs=images,
+                 **decoded, **{'z_' + k: z for k, z in paths.items()})
+
+
+def traverse(args):
+    config, vae, _ = train.load_model(args.run)
+    dims = list(range(config.z_dim)) if args.dims is None else args.dims
+    bad = [d for d in dims if not 0 <= d < config.z_dim]
+    if bad:
+        raise UsageError(f'--dims must be between 0 and {config.z_dim - 1} (z_dim {config.z_dim}), '
+                         f'got {bad[0]}')
+    image = read_image(args.image, config, '--image') if args.image else None
+    kind = output_kind(args.out)
+    if image is None:
+        z0 = evaluate.prior_z(1, config.z_dim, args.seed)[0]
+    else:
+        z0 = encode(vae, image[None], config)[0][0]
+    values = np.linspace(-args.range, args.range, args.steps)
+    z = np.tile(z0, (len(dims), args.steps, 1))
+    for row, d in enumerate(dims):
+        z[row, :, d] = values
+    images = decode(vae, z.reshape(-1, config.z_dim), config)
+    write_output(args.out, kind, images, args.steps, images=images.reshape(z.shape[:2] + images.shape[1:]),
+                 dims=np.array(dims), values=values, z=z)
+
+
+def encode_command(args):
+    config, vae, _ = train.load_model(args.run)
+    images, names = read_images(args.images, config, args.n)
+    output_kind(args.out, ('.npz',))
+    mu, log_var = encode(vae, images, config)
+    write_output(args.out, '.npz', None, 0, mu=mu, log_var=log_var, names=np.array(names))
+
+
+def fit_prior(args):
+    config, vae, state = train.load_model(args.run)
+    evaluate.fit_prior(args.run, config, vae, state, args.components)
+
+
+def saved_model(vae, config):
+    """A keras.export.ExportArchive of the VAE with three endpoints, each also a signature:
+    decode(z float32 (B, Z)) -> images uint8; encode(images uint8 (B, S, S, C)) -> mu,
+    log_var float32 (B, Z); sample(n int32, seed int64) -> images uint8 of n z ~ N(0, I),
+    the z of generate.py sample --prior normal --seed seed."""
+    z_dim, data_range = config.z_dim, config.data_range
+    archive = keras.export.ExportArchive()
+    archive.track(vae)
+
+    def decode_z(z):
+        return {'images': data.to_uint8_tensor(vae.decode(z), data_range)}
+
+    def encode_images(images):
+        mu, log_var = vae.encoder(data.to_range(images, data_range), training=False)
+        return {'mu': mu, 'log_var': log_var}
+
+    def sample_prior(n, seed):
+        z = tf.random.stateless_normal(tf.stack([n, z_dim]), seed=tf.stack([seed, 2]))
+        return decode_z(z)
+
+    size, channels = config.image_size, config.channels
+    archive.add_endpoint('decode', decode_z, [tf.TensorSpec((None, z_dim), tf.float32, name='z')])
+    archive.add_endpoint('encode', encode_images, [
+        tf.TensorSpec((None, size, size, channels), tf.uint8, name='images')])
+    archive.add_endpoint('sample', sample_prior, [tf.TensorSpec((), tf.int32, name='n'),
+                                                  tf.TensorSpec((), tf.int64, name='seed')])
+    return archive
+
+
+def export(args):
+    config, vae, _ = train.load_model(args.run)
+    out = os.path.normpath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out '{args.out}' is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(
+            os.path.join(out, 'saved_model.pb')):
+        raise UsageError(f"--out '{args.out}' is a folder that is not empty and holds no "
+                         f"SavedModel: give a new folder")
+    output_kind(out, ('folder',))
+    # Written beside --out and renamed into place: a reader never sees half a SavedModel.
+    parent, name = os.path.split(os.path.abspath(out))
+    tmp, old = (os.path.join(parent, f'.tmp-{name}-{kind}-{os.getpid()}') for kind in ('new', 'old'))
+    try:
+        saved_model(vae, config).write_out(tmp, verbose=False)
+        if os.path.isdir(out):
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except (OSError, tf.errors.OpError) as e:
+        reason = e.strerror if isinstance(e, OSError) else e.message
+        raise UsageError(f"cannot write --out '{args.out}': {reason}") from None
+    finally:
+        for folder in (tmp, old):
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f'wrote {out} (signatures decode, encode, sample)')
+
+
+# ---- the command line ------------------------------------------------------------
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return value
+
+
+def at_least_two(text):
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got '{text}'")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float('nan')
+    if not 0 < value < float('inf'):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'")
+    return value
+
+
+def dim_list(text):
+    try:
+        return [int(d) for d in text.split(',') if d.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(prog='generate.py', description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split('\n\n')[-1])
+    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    def command(name, function, description):
+        c = commands.add_parser(name, help=description, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c.add_argument('--run', required=True, help='the run folder, e.g. output/sigma')
+        c.set_defaults(function=function)
+        return c
+
+    def out(c, what='FILE.png (a grid), FILE.npz or a folder (one PNG per image)'):
+        c.add_argument('--out', required=True, help=what)
+
+    seed_help = 'seed of the prior samples; the same seed gives the same images'
+    components_help = ('components of the mixture prior; refit if the stored one has another '
+                       f'number (None: the stored one, or {evaluate.GMM_COMPONENTS} for a new fit)')
+
+    c = command('sample', sample, 'N images from the prior')
+    c.add_argument('--n', type=positive_int, default=100, help='number of images')
+    out(c, "FILE.png (a grid), FILE.npz (uint8 N x H x W x C, key 'images') or a folder")
+    c.add_argument('--prior', choices=list(evaluate.PRIORS), default='normal',
+                   help='normal: N(0, I); gmm: the Gaussian mixture fitted to the encoder means of '
+                        'the training split (prior_gmm.npz, fitted first if missing or stale)')
+    c.add_argument('--components', type=positive_int, default=None, help=components_help)
+    c.add_argument('--seed', type=int, default=0, help=seed_help)
+
+    c = command('reconstruct', reconstruct, 'images beside their reconstructions (z = mu)')
+    c.add_argument('--images', required=True,
+                   help="a folder of PNG/JPEG files (or one file), or 'test': the run's test split")
+    c.add_argument('--n', type=positive_int, default=50, help='at most this many images')
+    out(c)
+
+    c = command('interpolate', interpolate,
+                'linear and spherical interpolation between the encodings (mu) of two images')
+    c.add_argument('--a', required=True, help='the first image file')
+    c.add_argument('--b', required=True, help='the second image file')
+    c.add_argument('--steps', type=at_least_two, default=10,
+                   help='K decoded points from a to b, both ends included')
+    out(c, 'FILE.png: two strips (linear, spherical), each a, K steps, b; or FILE.npz or a folder')
+
+    c = command('traverse', traverse, 'one latent dimension at a time around a seed z')
+    c.add_argument('--dims', type=dim_list, default=None,
+                   help='comma-separated latent dimensions, one row each (None: all)')
+    c.add_argument('--range', type=positive_float, default=3.0,
+                   help='each dimension takes --steps values from -range to +range')
+    c.add_argument('--steps', type=at_least_two, default=9, help='values per dimension')
+    c.add_argument('--image', default=None,
+                   help="the seed z is this image's encoding (mu) (None: z ~ N(0, I) by --seed)")
+    c.add_argument('--seed', type=int, default=0, help=seed_help)
+    out(c)
+
+    c = command('encode', encode_command, 'mu and log sigma^2 of the encoder for each image')
+    c.add_argument('--images', required=True,
+                   help="a folder of PNG/JPEG files (or one file), or 'test': the run's test split")
+    c.add_argument('--n', type=positive_int, default=None, help='at most this many images (None: all)')
+    out(c, "FILE.npz: mu and log_var (N x Z, float32) and the images' names")
+
+    c = command('fit_prior', fit_prior, 'fit the Gaussian mixture prior to the encoder means of the '
+                                        'training split (saved as <run>/prior_gmm.npz)')
+    c.add_argument('--components', type=positive_int, default=evaluate.GMM_COMPONENTS,
+                   help='mixture components (full covariances)')
+
+    c = command('export', export, 'a TensorFlow SavedModel with the signatures decode, encode, sample')
+    c.add_argument('--out', required=True, help='the SavedModel folder, e.g. output/sigma/saved_model')
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    try:
+        args.function(args)
+    except UsageError as e:
+        print(f'generate.py: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
