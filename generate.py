@@ -17,7 +17,8 @@ import os
 import shutil
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import utils  # first: TensorFlow starts quietly
+utils.quiet_tensorflow()
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -26,7 +27,6 @@ import keras  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 IMAGE_OUTPUTS = ('.png', '.npz', 'folder')
