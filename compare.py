@@ -1,13 +1,17 @@
 """Trains and evaluates every model on one data set with one budget, side by side.
 
-python compare.py --dataset fashion_mnist --epochs 5 --beta_vae 0.1 --output_dir output/compare
+python compare.py --dataset fashion_mnist --epochs 5 --beta_sweep 0.003,0.01,0.03,0.1,0.3,1 --output_dir output/compare
 
 Writes into --output_dir one run folder per model (resumed if present), and
 results.md (the table, with the FID under the N(0, I) prior and under the ex-post
 Gaussian mixture prior), results.json, samples.png (each model's 10x10 samples of
 both priors, labelled) and bits_per_dim.png (test bits/dim against training steps).
+With --beta_sweep it also trains the fixed-sigma `gaussian` decoder with each KL weight
+beta (a beta-VAE), and draws rate_distortion.png (KL against test MSE) and
+fid_vs_beta.png (FID against beta, each decoder at its effective beta).
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,10 +33,18 @@ COLUMNS = [  # (header, key in the evaluation, format)
     ('8-bit bits/dim', 'test_bits_per_dim_discrete', '{:.3f}'),
     ('IW 8-bit bits/dim', 'iw_bits_per_dim_discrete', '{:.3f}'),
     ('test MSE', 'test_mse', '{:.4f}'), ('KL (nats)', 'test_kl', '{:.1f}'),
-    ('log σ', 'test_log_sigma', '{:.2f}'), ('FID N(0, I)', 'fid', '{:.2f}'),
+    ('log σ', 'test_log_sigma', '{:.2f}'), ('effective β', 'effective_beta', '{:.3g}'),
+    ('active units', 'active_units', '{}'), ('FID N(0, I)', 'fid', '{:.2f}'),
     ('FID GMM', 'fid_gmm', '{:.2f}'),
     ('train time', 'train_seconds', '{:.0f} s'),
 ]
+SWEEP_COLUMNS = [
+    ('run', 'name', '{}'), ('β (effective for decoders)', 'effective_beta', '{:.3g}'),
+    ('KL (nats)', 'test_kl', '{:.1f}'), ('test MSE', 'test_mse', '{:.4f}'),
+    ('8-bit bits/dim', 'test_bits_per_dim_discrete', '{:.3f}'), ('FID N(0, I)', 'fid', '{:.2f}'),
+    ('FID GMM', 'fid_gmm', '{:.2f}'), ('active units', 'active_units', '{}'),
+]
+BETA_VAE_MODEL = 'gaussian'  # the fixed-sigma decoder a beta-VAE weights
 
 
 def make_parser():
@@ -53,6 +65,9 @@ def make_parser():
                    help='comma-separated models to train (default: every decoder of losses.py)')
     p.add_argument('--beta_vae', type=float, default=None,
                    help='also train the gaussian model with this KL weight (a beta-VAE)')
+    p.add_argument('--beta_sweep', default='',
+                   help='comma-separated KL weights: a beta-VAE (the gaussian model) for each, '
+                        'and the rate-distortion and FID-against-beta figures')
     p.add_argument('--iw_samples', type=int, default=1000, help='as for evaluate.py')
     p.add_argument('--iw_images', type=int, default=None, help='as for evaluate.py')
     p.add_argument('--fid_samples', type=int, default=10000, help='as for evaluate.py')
@@ -77,29 +92,45 @@ def parse_args(argv=None):
             parser.error(f'--{name} must be positive, got {value}')
     if args.beta_vae is not None and not args.beta_vae > 0:
         parser.error(f'--beta_vae must be positive, got {args.beta_vae}')
+    try:
+        args.beta_sweep = sorted({float(b) for b in args.beta_sweep.split(',') if b.strip()})
+    except ValueError:
+        parser.error(f'--beta_sweep must list numbers, got {args.beta_sweep!r}')
+    if not all(0 < b < float('inf') for b in args.beta_sweep):
+        parser.error(f'--beta_sweep must list positive numbers, got {args.beta_sweep}')
     return args
 
 
 def runs(args):
-    """(label, train.Config) of every run of the comparison."""
+    """(label, train.Config, sweep beta or None) of every run of the comparison: the models,
+    then a beta-VAE for --beta_vae and each --beta_sweep value; a beta-VAE whose config is a
+    model's (beta = 1) is that model's run, marked as a sweep point."""
     base = dict(output_dir=args.output_dir, dataset=args.dataset, data_dir=args.data_dir,
                 data_range=args.data_range, epochs=args.epochs, max_steps=args.max_steps,
                 batch_size=args.batch_size, image_size=args.image_size, z_dim=args.z_dim,
                 seed=args.seed)
-    out = [(m, train.Config(model=m, experiment_name=m, **base)) for m in args.models]
-    if args.beta_vae is not None:
-        name = f'beta_vae_{args.beta_vae:g}'
-        out.append((f'beta-VAE (beta={args.beta_vae:g})',
-                    train.Config(model='gaussian', beta=args.beta_vae, experiment_name=name, **base)))
-    return out
+    out = [[m, train.Config(model=m, experiment_name=m, **base), None] for m in args.models]
+    betas = [(b, True) for b in args.beta_sweep]
+    if args.beta_vae is not None and args.beta_vae not in args.beta_sweep:
+        betas.append((args.beta_vae, False))
+    for beta, swept in betas:
+        config = train.Config(model=BETA_VAE_MODEL, beta=beta, experiment_name=f'beta_vae_{beta:g}',
+                              **base)
+        same = [run for run in out if dataclasses.replace(run[1], experiment_name='') ==
+                dataclasses.replace(config, experiment_name='')]
+        if same:
+            same[0][2] = beta if swept else None
+        else:
+            out.append([f'beta-VAE (beta={beta:g})', config, beta if swept else None])
+    return [tuple(run) for run in out]
 
 
-def markdown_table(rows):
-    lines = ['| ' + ' | '.join(h for h, _, _ in COLUMNS) + ' |',
-             '|' + '---|' * len(COLUMNS)]
+def markdown_table(rows, columns=COLUMNS):
+    lines = ['| ' + ' | '.join(h for h, _, _ in columns) + ' |',
+             '|' + '---|' * len(columns)]
     for row in rows:
         lines.append('| ' + ' | '.join('–' if row.get(k) is None else f.format(row[k])
-                                       for _, k, f in COLUMNS) + ' |')
+                                       for _, k, f in columns) + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -125,10 +156,7 @@ def samples_figure(path, rows):
 
 
 def bits_per_dim_plot(path, curves, title):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5), dpi=100)
     for label, steps, values in curves:
         ax.plot(steps, values, marker='o', label=label)
     ax.set_xlabel('training step')
@@ -136,16 +164,14 @@ def bits_per_dim_plot(path, curves, title):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
-    plt.close(fig)
+    _save(fig, path)
 
 
 def compare(args):
     os.makedirs(args.output_dir, exist_ok=True)
     plan = runs(args)
     results, start = [], time.time()
-    for i, (label, config) in enumerate(plan):
+    for i, (label, config, sweep_beta) in enumerate(plan):
         done = time.time() - start
         left = f', about {done / i * (len(plan) - i) / 60:.0f} min left' if i else ''
         budget = f'{config.epochs} epochs' + (f', at most {config.max_steps} steps'
@@ -159,7 +185,7 @@ def compare(args):
                                        components=args.components)
         result['fid'] = result.get(f'fid_{args.features}')
         result['fid_gmm'] = result.get(f'fid_{args.features}_gmm')
-        results.append({'name': label, **result})
+        results.append({'name': label, 'sweep_beta': sweep_beta, **result})
     write_outputs(args, results)
     print(markdown_table(results))
     print(f'compared {len(plan)} runs in {(time.time() - start) / 60:.1f} min; '
@@ -175,7 +201,15 @@ def write_outputs(args, results):
                f'N(0, I) prior and of a {args.components}-component Gaussian mixture fitted to '
                f'the encoder means of the training split (GMM); IW-NLL with K = {args.iw_samples} on '
                f"{f'the first {args.iw_images}' if args.iw_images else 'all'} test images")
-    utils.write_text(os.path.join(out, 'results.md'), f'{details}\n\n' + markdown_table(results))
+    text = f'{details}\n\n' + markdown_table(results)
+    swept = any(r['sweep_beta'] is not None for r in results)
+    if swept:
+        by_beta = sorted(results, key=lambda r: (r.get('effective_beta') is None,
+                                                 r.get('effective_beta') or 0))
+        text += ('\nThe beta sweep beside every decoder at its effective beta (the KL weight of '
+                 'the sigma = 1 gaussian decoder with the same gradients):\n\n'
+                 + markdown_table(by_beta, SWEEP_COLUMNS))
+    utils.write_text(os.path.join(out, 'results.md'), text)
     normal, gmm, curves = [], [], []
     for r in results:
         run_dir = r['run']
@@ -188,6 +222,75 @@ def write_outputs(args, results):
                        [row['test_bits_per_dim'] for row in rows]))
     samples_figure(os.path.join(out, 'samples.png'), [normal, gmm])
     bits_per_dim_plot(os.path.join(out, 'bits_per_dim.png'), curves, title)
+    if swept:
+        sweep_figures(out, results, title)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
+    _pyplot().close(fig)
+
+
+def sweep_figures(out, results, title):
+    """rate_distortion.png (KL against test MSE: the sweep as a line, each other run a point)
+    and fid_vs_beta.png (FID under both priors against beta: the sweep as lines, each other
+    run as horizontal lines and a star at its effective beta)."""
+    plt = _pyplot()
+    sweep = sorted((r for r in results if r['sweep_beta'] is not None), key=lambda r: r['sweep_beta'])
+    others = [r for r in results if r['sweep_beta'] is None]
+    colors = plt.get_cmap('tab10').colors
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    ax.plot([r['test_kl'] for r in sweep], [r['test_mse'] for r in sweep], 'o-', color='0.4',
+            label='β-VAE sweep (gaussian, σ = 1)')
+    for r in sweep:
+        ax.annotate(f"β={r['sweep_beta']:g}", (r['test_kl'], r['test_mse']), fontsize=8,
+                    xytext=(4, 4), textcoords='offset points')
+    for i, r in enumerate(others):
+        ax.plot(r['test_kl'], r['test_mse'], marker='*', markersize=12, linestyle='none',
+                color=colors[i % 10], label=r['name'])
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('rate: KL(q(z|x) || p(z)) on the test split (nats per image)')
+    ax.set_ylabel('distortion: test MSE per value (z = μ)')
+    ax.set_title(f'Rate and distortion, {title}')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=8)
+    _save(fig, os.path.join(out, 'rate_distortion.png'))
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    betas = [r['sweep_beta'] for r in sweep]
+    ax.plot(betas, [r['fid'] for r in sweep], 'o-', color='0.2', label='β-VAE, N(0, I) prior')
+    if all(r.get('fid_gmm') is not None for r in sweep):
+        ax.plot(betas, [r['fid_gmm'] for r in sweep], 's--', color='0.5', label='β-VAE, GMM prior')
+    for i, r in enumerate(others):
+        color = colors[i % 10]
+        for key, style in (('fid', '-'), ('fid_gmm', '--')):
+            if r.get(key) is not None:
+                ax.axhline(r[key], color=color, linestyle=style, linewidth=0.8)
+        if r.get('effective_beta') is not None:
+            ax.plot(r['effective_beta'], r['fid'], marker='*', markersize=12, color=color,
+                    linestyle='none', label=f"{r['name']} at β_eff = {r['effective_beta']:.3g}")
+            if r.get('fid_gmm') is not None:
+                ax.plot(r['effective_beta'], r['fid_gmm'], marker='*', markersize=9, color=color,
+                        markerfacecolor='none', linestyle='none')
+        else:
+            ax.plot([], [], color=color, label=f"{r['name']} (no effective β)")
+    ax.set_xscale('log')
+    ax.set_xlabel('β (KL weight of the σ = 1 decoder); stars: each decoder at its effective β')
+    ax.set_ylabel('FID (lines: N(0, I) solid, GMM dashed)')
+    ax.set_title(f'FID against β, {title}')
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7)
+    _save(fig, os.path.join(out, 'fid_vs_beta.png'))
 
 
 def main(argv=None):

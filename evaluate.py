@@ -1,7 +1,8 @@
 """Evaluates a trained run on its test split: python evaluate.py --run output/sigma
 
 Reports the -ELBO, an importance-weighted estimate of -log p(x) with K samples,
-bits/dim, the test MSE, and the FID between N prior samples and N test images,
+bits/dim (of the density and of the 8-bit values), the test MSE, the active latent
+units, the effective beta of the decoder, and the FID between N prior samples and N test images,
 with features from a small classifier trained on the data set's own labels
 (offline; trained once and cached) or Keras' InceptionV3, under two priors:
 N(0, I) and the ex-post Gaussian mixture fitted to the encoder means of the
@@ -319,6 +320,13 @@ def _why_refit(gmm, step, components, z_dim):
     return None
 
 
+def active_units(means, threshold=0.01):
+    """The number of active latent units (Burda et al. 2016): dimensions whose encoder mean
+    varies across the images, Var_x(mu_d(x)) > threshold; means (N, Z). A collapsed posterior
+    leaves its inactive dimensions at the prior whatever the image."""
+    return int(np.sum(np.var(np.asarray(means, np.float64), axis=0) > threshold))
+
+
 def export_samples(folder, samples, data_range, name='samples'):
     """<name>.npz (uint8 'images', with their range) and one PNG per sample in <name>_png/."""
     npz = os.path.join(folder, name + '.npz')
@@ -355,6 +363,10 @@ def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, fe
         'iw_nll_discrete': discrete,
         'iw_bits_per_dim_discrete': losses.bits_per_dim(discrete, evaluator.num_values, 0.0),
         'iw_samples': iw_samples, 'iw_images': seen})
+    means, _ = encode_images(vae, splits.test, splits.num_test, config)
+    result['active_units'] = active_units(means)
+    result['effective_beta'] = vae.likelihood.effective_beta(
+        config.beta, result['test_log_sigma'], evaluator.num_values, config.z_dim)
 
     n = min(fid_samples, splits.num_test)
     if n < fid_samples:

@@ -148,3 +148,46 @@ def test_compare_end_to_end(image_folder, tmp_path):
     figure = Image.open(out / 'samples.png')  # a row of grids per prior
     assert figure.width >= 3 * 280 and figure.height > 2 * 280
     assert Image.open(out / 'bits_per_dim.png').size == (700, 450)
+
+
+def test_active_units_of_a_constructed_encoder():
+    vae = train.models.VAE(28, 1, 6, losses.Gaussian())
+    head = vae.encoder.get_layer('mu')
+    kernel, bias = (w.numpy() for w in head.weights)
+    kernel[:, [0, 3]] = 0.0  # mu_0 and mu_3 are their biases whatever the image: inactive
+    kernel[:, [1, 2, 4, 5]] *= 50.0
+    head.set_weights([kernel, bias])
+    images = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1)).astype(np.uint8)
+    config = train.Config(z_dim=6, channels=1)
+    means, _ = evaluate.encode_images(vae, images, len(images), config)
+    assert np.var(means, axis=0)[[0, 3]].max() < 1e-10 and np.var(means, axis=0)[[1, 2, 4, 5]].min() > 0.01
+    assert evaluate.active_units(means) == 4
+    # The threshold is Burda et al.'s 0.01, strict.
+    assert evaluate.active_units(np.array([[0.0, 0.0], [0.19, 0.21]])) == 1  # variances 0.009, 0.011
+
+
+def test_a_beta_of_one_is_the_gaussian_run_not_a_second_one():
+    plan = compare.runs(compare.parse_args(['--models', 'gaussian,sigma', '--beta_sweep', '1,0.1',
+                                            '--beta_vae', '0.3']))
+    assert [(label, c.model, c.beta, beta) for label, c, beta in plan] == [
+        ('gaussian', 'gaussian', 1.0, 1.0), ('sigma', 'sigma', 1.0, None),
+        ('beta-VAE (beta=0.1)', 'gaussian', 0.1, 0.1), ('beta-VAE (beta=0.3)', 'gaussian', 0.3, None)]
+
+
+def test_beta_sweep_end_to_end(image_folder, tmp_path):
+    out = tmp_path / 'sweep'
+    assert compare.main(['--dataset', image_folder, '--output_dir', str(out), '--max_steps', '2',
+                         '--batch_size', '8', '--z_dim', '4', '--iw_samples', '2', '--fid_samples', '4',
+                         '--models', 'sigma', '--beta_sweep', '0.1,1']) == 0
+    results = json.load(open(out / 'results.json'))
+    assert [(r['name'], r['sweep_beta']) for r in results] == [
+        ('sigma', None), ('beta-VAE (beta=0.1)', 0.1), ('beta-VAE (beta=1)', 1.0)]
+    sigma = results[0]
+    assert sigma['effective_beta'] == pytest.approx(np.exp(2 * sigma['test_log_sigma']))
+    assert [r['effective_beta'] for r in results[1:]] == [0.1, 1.0]  # sigma = 1: beta itself
+    assert all(0 <= r['active_units'] <= 4 for r in results)
+    sweep_table = open(out / 'results.md').read().split('The beta sweep')[1]
+    rows = [line for line in sweep_table.splitlines() if line.startswith('| ') and 'KL' not in line]
+    assert len(rows) == 3 and sum('beta-VAE' in row for row in rows) == 2
+    for figure in ('rate_distortion.png', 'fid_vs_beta.png'):
+        assert Image.open(out / figure).size == (750, 500)
