@@ -7,6 +7,7 @@ with features from a small classifier trained on the data set's own labels
 <run>/evaluation.json and, with --export, the N samples as samples.npz and PNGs.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -193,6 +194,16 @@ def export_samples(folder, samples, data_range):
 def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, features='domain',
                  inception_weights=None, export=False, feature_cache=None):
     """All the numbers of one run; also written to <run_dir>/evaluation.json."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(utils.private_tempdir())
+        if export and os.path.isdir(run_dir):  # it writes into the run folder: one writer
+            stack.enter_context(utils.FolderLock(run_dir, 'evaluate.py --export'))
+        return _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features,
+                             inception_weights, export, feature_cache)
+
+
+def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, inception_weights,
+                  export, feature_cache):
     start = time.time()
     config, vae, state = train.load_model(run_dir)
     splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
@@ -244,7 +255,7 @@ def fid(splits, config, test_ds, samples, features, inception_weights=None, feat
 
 
 def make_parser():
-    p = argparse.ArgumentParser(prog='evaluate.py', description=__doc__.splitlines()[0],
+    p = utils.ArgumentParser(prog='evaluate.py', description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--run', required=True, help='the run folder, e.g. output/sigma')
     p.add_argument('--iw_samples', type=int, default=1000, help='K, importance samples per image')
@@ -270,6 +281,8 @@ def parse_args(argv=None):
             parser.error(f'--{name} must be positive, got {value}')
     if args.fid_samples < 2:
         parser.error('--fid_samples must be at least 2 (a covariance needs two samples)')
+    if not args.run.strip():
+        parser.error('--run must name a run folder, got an empty string')
     return args
 
 
