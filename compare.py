@@ -13,6 +13,7 @@ fid_vs_beta.png (FID against beta, each decoder at its effective beta).
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -48,7 +49,7 @@ BETA_VAE_MODEL = 'gaussian'  # the fixed-sigma decoder a beta-VAE weights
 
 
 def make_parser():
-    p = argparse.ArgumentParser(prog='compare.py', description=__doc__.splitlines()[0],
+    p = utils.ArgumentParser(prog='compare.py', description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--output_dir', default='output/compare', help='folder of the runs and results')
     p.add_argument('--dataset', default='svhn_cropped', help='as for train.py')
@@ -90,14 +91,21 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f'--{name} must be positive, got {value}')
-    if args.beta_vae is not None and not args.beta_vae > 0:
-        parser.error(f'--beta_vae must be positive, got {args.beta_vae}')
+    if args.beta_vae is not None and not (args.beta_vae > 0 and math.isfinite(args.beta_vae)):
+        parser.error(f'--beta_vae must be a positive number, got {args.beta_vae}')
     try:
         args.beta_sweep = sorted({float(b) for b in args.beta_sweep.split(',') if b.strip()})
     except ValueError:
         parser.error(f'--beta_sweep must list numbers, got {args.beta_sweep!r}')
     if not all(0 < b < float('inf') for b in args.beta_sweep):
         parser.error(f'--beta_sweep must list positive numbers, got {args.beta_sweep}')
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f'--output_dir {args.output_dir} is a file, not a folder')
+    for _, config, _ in runs(args):  # the checks of train.py, before anything is trained
+        try:
+            train.check_config(config)
+        except UsageError as e:
+            parser.error(str(e))
     return args
 
 
@@ -168,7 +176,10 @@ def bits_per_dim_plot(path, curves, title):
 
 
 def compare(args):
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f'cannot write to {args.output_dir}: {e.strerror}') from None
     plan = runs(args)
     results, start = [], time.time()
     for i, (label, config, sweep_beta) in enumerate(plan):
@@ -217,7 +228,8 @@ def write_outputs(args, results):
                        os.path.join(run_dir, 'images', f"samples_{r['step']:08d}.png")))
         gmm.append((f"{r['name']}, GMM",
                     os.path.join(run_dir, 'images', f"samples_gmm_{r['step']:08d}.png")))
-        rows = utils.read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
+        rows = [row for row in utils.read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
+                if 'test_bits_per_dim' in row]
         curves.append((r['name'], [row['step'] for row in rows],
                        [row['test_bits_per_dim'] for row in rows]))
     samples_figure(os.path.join(out, 'samples.png'), [normal, gmm])
@@ -299,7 +311,10 @@ def main(argv=None):
         compare(args)
     except UsageError as e:
         print(f'compare.py: error: {e}', file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, train.RunFailed) else 2
+    except SystemExit:  # a run was interrupted (130, 143) and saved
+        train.ignore_interrupts()
+        raise
     return 0
 
 

@@ -10,8 +10,10 @@ import gzip
 import math
 import os
 import socket
+import stat
 import sys
 import urllib.parse
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -27,7 +29,8 @@ DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 IDX_FILES = {'train': 'train-images-idx3-ubyte.gz', 'test': 't10k-images-idx3-ubyte.gz'}
 IDX_LABELS = {'train': 'train-labels-idx1-ubyte.gz', 'test': 't10k-labels-idx1-ubyte.gz'}
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')  # PIL modes read as one channel
+GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')  # PIL modes read as one channel
+SIXTEEN_BIT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')  # PIL's modes of 16-bit gray PNGs
 TEST_FRACTION = 0.1  # of an image folder, held out as its test split
 SHUFFLE_BUFFER = 1000  # as the original
 DATA_RANGES = {'-1,1': (-1.0, 1.0), '0,1': (0.0, 1.0)}  # --data_range -> (low, high)
@@ -70,7 +73,8 @@ def load(dataset, data_dir=None, image_size=28, seed=0):
 def _tfds_builder(name, data_dir):
     import tensorflow_datasets as tfds
     try:
-        return tfds.builder(name, data_dir=data_dir)
+        with utils.private_tempdir():  # tfds leaves an empty tmp...tfds folder in $TMPDIR
+            return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise UsageError(
             f"unknown data set '{name}': give a tensorflow-datasets name "
@@ -107,7 +111,8 @@ def load_tfds(name, data_dir):
                 f"or pass a folder of images as --dataset"
                 + (f" (Fashion-MNIST: apt-get install dataset-fashion-mnist puts its files in "
                    f"{DEBIAN_FASHION_MNIST})" if name == 'fashion_mnist' else ''))
-        builder.download_and_prepare()
+        with utils.private_tempdir():
+            builder.download_and_prepare()
     splits = builder.info.splits
     test_split = 'test' if 'test' in splits else 'validation'
 
@@ -166,35 +171,89 @@ def load_idx(folder):
 # ---- a folder of the user's images ------------------------------------------
 
 def list_images(folder):
-    files = []
+    """(image files, other entries): the regular PNG/JPEG files under `folder`, sorted, and the
+    entries with such a name that are not regular files (FIFOs, sockets, devices, broken links),
+    which are never opened: reading a FIFO would wait forever."""
+    files, others = [], []
     for root, _, names in os.walk(folder):
-        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(files)
+        for name in names:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                path = os.path.join(root, name)
+                try:
+                    regular = stat.S_ISREG(os.stat(path).st_mode)
+                except OSError:
+                    regular = False
+                (files if regular else others).append(path)
+    return sorted(files), sorted(others)
+
+
+class TooLarge(Exception):
+    """An image with more pixels than Pillow's decompression-bomb limit."""
+
+
+def _open_image(path):
+    """Opens an image file (header only), refusing one larger than Pillow's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS) before anything is decoded."""
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise TooLarge(str(e)) from None
+    if limit and image.size[0] * image.size[1] > limit:
+        image.close()
+        raise TooLarge(f'{image.size[0]}x{image.size[1]} pixels, more than the limit of {limit:,}')
+    return image
 
 
 def _read_image(path, mode, size):
-    """One file -> uint8 (size, size, C) in `mode` ('L' or 'RGB'), or the error it raised."""
+    """One file -> uint8 (size, size, C) in `mode` ('L' or 'RGB'), or the error it raised.
+
+    16-bit grayscale is scaled to 8 bits (v / 257, rounded); Pillow's own conversion would
+    clip every value above 255 to white."""
     from PIL import Image
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+                image.load()
+            if image.mode in SIXTEEN_BIT_MODES:
+                values = np.clip(np.asarray(image, np.float64) / 257.0, 0, 255)
+                image = Image.fromarray(np.round(values).astype(np.uint8), 'L')
             image = image.convert(mode).resize((size, size), Image.BILINEAR)
             return np.asarray(image, np.uint8).reshape(size, size, -1)
     except Exception as e:  # PIL raises many kinds for broken files
         return e
 
 
-def _read_files(files, mode, size):
+def _read_files(files, mode, size, others=()):
     """[(path, uint8 (size, size, C))] of the files that decode, read in parallel in `mode`;
-    one warning counts the others."""
+    one warning counts the others (and `others`, entries that are not regular files)."""
     with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         results = list(tqdm(pool.map(lambda p: _read_image(p, mode, size), files),
                             total=len(files), desc='reading images', unit='file',
-                            disable=len(files) < 1000, leave=False))
+                            disable=True if len(files) < 1000 else None, leave=False))
     bad = [(p, r) for p, r in zip(files, results) if isinstance(r, Exception)]
-    if bad:
-        print(f'warning: skipped {len(bad)} of {len(files)} image files that could not be read, '
-              f'e.g. {bad[0][0]} ({type(bad[0][1]).__name__}: {bad[0][1]})', file=sys.stderr)
+    large = [(p, r) for p, r in bad if isinstance(r, TooLarge)]
+    broken = [(p, r) for p, r in bad if not isinstance(r, TooLarge)]
+    if bad or others:
+        kinds = [f'{len(broken)} that could not be read, e.g. {broken[0][0]} '
+                 f'({type(broken[0][1]).__name__}: {broken[0][1]})' if broken else '',
+                 f'{len(large)} too large, e.g. {large[0][0]} ({large[0][1]})' if large else '',
+                 f'{len(others)} that are not regular files, e.g. {others[0]}' if others else '']
+        print(f'warning: skipped {len(bad) + len(others)} of {len(files) + len(others)} image '
+              f'files: ' + '; '.join(k for k in kinds if k), file=sys.stderr)
     return [(p, r) for p, r in zip(files, results) if not isinstance(r, Exception)]
+
+
+def _mode(path):
+    try:
+        with _open_image(path) as image:
+            return image.mode
+    except Exception:
+        return None
 
 
 def read_images(path, image_size, channels):
@@ -210,7 +269,8 @@ def read_images(path, image_size, channels):
         return image[None], [path]
     if not os.path.isdir(path):
         raise UsageError(f"image path '{path}' does not exist")
-    kept = _read_files(list_images(path), mode, image_size)
+    files, others = list_images(path)
+    kept = _read_files(files, mode, image_size, others)
     if not kept:
         raise UsageError(f"image folder '{path}' holds no readable PNG/JPEG file")
     return np.stack([image for _, image in kept]), [p for p, _ in kept]
@@ -219,23 +279,18 @@ def read_images(path, image_size, channels):
 def load_folder(folder, image_size, seed=0):
     """PNG/JPEG files under `folder`, read into memory at image_size; a seeded 10% is the test split.
 
-    The run is grayscale if every file is, RGB otherwise (grayscale and RGBA files are
-    converted, alpha dropped); files of any size are resized. Files that cannot be
-    decoded are skipped with one warning that counts them.
+    The run is grayscale if every file is, RGB otherwise (grayscale, 16-bit grayscale and RGBA
+    files are converted, alpha dropped); files of any size up to Pillow's decompression-bomb
+    limit (Image.MAX_IMAGE_PIXELS, 89 million pixels) are resized. Files that cannot be decoded,
+    larger ones, and entries that are not regular files are skipped with one warning that
+    counts them.
     """
-    from PIL import Image
     if not os.path.isdir(folder):
         raise UsageError(f"image folder '{folder}' does not exist")
-    files = list_images(folder)
-    modes = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                modes.append(image.mode)
-        except Exception:
-            modes.append(None)
+    files, others = list_images(folder)
+    modes = [_mode(path) for path in files]
     mode = 'L' if all(m in GRAY_MODES for m in modes if m is not None) else 'RGB'
-    kept = _read_files(files, mode, image_size)
+    kept = _read_files(files, mode, image_size, others)
     if len(kept) < 2:
         raise UsageError(f"image folder '{folder}' holds {len(kept)} readable PNG/JPEG files; "
                          f"it needs at least 2 (a train and a test image)")

@@ -11,6 +11,7 @@ samples it too). Writes <run>/evaluation.json and, with --export, the N samples
 as samples.npz and PNGs.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -346,6 +347,16 @@ def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, fe
     run's prior_gmm.npz, fitted first if it is missing, stale or has another number of
     components than `components` (see load_prior).
     """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(utils.private_tempdir())
+        if export and os.path.isdir(run_dir):  # it writes into the run folder: one writer
+            stack.enter_context(utils.FolderLock(run_dir, 'evaluate.py --export'))
+        return _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features,
+                             inception_weights, export, feature_cache, priors, components)
+
+
+def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, inception_weights,
+                  export, feature_cache, priors, components):
     start = time.time()
     config, vae, state = train.load_model(run_dir)
     splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
@@ -413,7 +424,7 @@ def fid(splits, config, test_ds, samples, features, inception_weights=None, feat
 
 
 def make_parser():
-    p = argparse.ArgumentParser(prog='evaluate.py', description=__doc__.splitlines()[0],
+    p = utils.ArgumentParser(prog='evaluate.py', description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--run', required=True, help='the run folder, e.g. output/sigma')
     p.add_argument('--iw_samples', type=int, default=1000, help='K, importance samples per image')
@@ -449,6 +460,8 @@ def parse_args(argv=None):
     args.prior = parse_priors(args.prior, parser)
     if args.components is not None and args.components <= 0:
         parser.error(f'--components must be positive, got {args.components}')
+    if not args.run.strip():
+        parser.error('--run must name a run folder, got an empty string')
     return args
 
 

@@ -32,6 +32,14 @@ def _filters(levels):
     return [64 * 2 ** i for i in range(levels)]
 
 
+def latent_weights(image_size, z_dim):
+    """The number of weights that grow with z_dim, without building anything: the encoder's
+    two dense heads and the decoder's first dense layer (the rest is a few million at most)."""
+    levels, base = ARCHITECTURES[image_size]
+    features = base * base * _filters(levels)[-1]
+    return z_dim * (3 * features + 2)
+
+
 def make_encoder(image_size, channels, z_dim, sync_batch_norm=False):
     """(B, S, S, C) in [-1, 1] -> (mu, log_var), each (B, z_dim), float32."""
     levels, _ = ARCHITECTURES[image_size]

@@ -3,17 +3,22 @@
 Writes under <output_dir>/<experiment_name>/: config.json, checkpoints/,
 logs/ (TensorBoard), images/ (prior samples and reconstructions, named by step)
 and metrics.jsonl (one row of test-split metrics per epoch). Running the same
-command again resumes from the latest checkpoint.
+command again resumes from the newest checkpoint that restores.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
+import threading
 import time
 import types
+import typing
 from typing import Optional
 
 import utils  # first: TensorFlow starts quietly
@@ -29,9 +34,13 @@ import losses  # noqa: E402
 import models  # noqa: E402
 from utils import UsageError  # noqa: E402
 
-# Changing one of these changes the model: a run that differs in them is refused on resume.
+# Changing one of these changes the model, its test split (seed) or what a step and an epoch
+# are (batch_size): a run that differs in them is refused on resume.
 MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'mixed_precision',
-              'channels')
+              'channels', 'seed', 'batch_size')
+# A config.json without one of these was not written by train.py.
+REQUIRED_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'seed', 'batch_size')
+MAX_SEED = 2 ** 31 - 1
 STRATEGIES = ('default', 'mirrored', 'multi_worker')
 # --mixed_precision -> Keras dtype policy
 POLICIES = {None: 'float32', 'float16': 'mixed_float16', 'bfloat16': 'mixed_bfloat16'}
@@ -66,6 +75,7 @@ class Config:
     xla: bool = False
     strategy: str = 'default'  # one device; mirrored: local GPUs; multi_worker: TF_CONFIG
     mixed_precision: Optional[str] = None  # None (float32), 'float16' or 'bfloat16'
+    restart: bool = False  # start over from step 0 when no checkpoint of the run restores
     channels: Optional[int] = None  # not a flag: the data's, written into config.json
 
     @property
@@ -77,14 +87,17 @@ def _log_sigma_min(text):
     if text.lower() in ('none', 'off'):
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got '{text}'") from None
+        value = None
+    if value is None or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'none', got '{text}'")
+    return value
 
 
 def make_parser():
     d = Config()
-    p = argparse.ArgumentParser(
+    p = utils.ArgumentParser(
         prog='train.py', description='Train a VAE with a learned, optimal or fixed decoder variance (sigma-VAE).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--model', choices=list(losses.DECODERS), default=d.model,
@@ -108,7 +121,8 @@ def make_parser():
     p.add_argument('--data_range', choices=sorted(data.DATA_RANGES), default=d.data_range,
                    help='pixel scale and decoder output: -1,1 with tanh (TF original) or 0,1 with sigmoid '
                         '(PyTorch sibling); write --data_range=-1,1 with "="')
-    p.add_argument('--seed', type=int, default=d.seed, help='seed of weights, noise and shuffling')
+    p.add_argument('--seed', type=int, default=d.seed,
+                   help=f'seed of weights, noise, shuffling and an image folder\'s test split (0 to {MAX_SEED})')
     p.add_argument('--sample_every', type=int, default=d.sample_every,
                    help='steps between sample and reconstruction grids (also written each epoch)')
     p.add_argument('--max_steps', type=int, default=d.max_steps,
@@ -127,6 +141,9 @@ def make_parser():
                    default=d.mixed_precision,
                    help='compute in float16 with loss scaling (GPUs; the bare flag) or bfloat16 '
                         '(recent CPUs, TPUs); losses, log sigma and the encoder heads stay float32')
+    p.add_argument('--restart', action='store_true', default=d.restart,
+                   help='when no checkpoint of the run folder restores, start over from step 0 '
+                        '(the damaged checkpoints are kept in checkpoints/damaged/) instead of stopping')
     return p
 
 
@@ -134,42 +151,92 @@ def parse_args(argv=None):
     """Command-line arguments -> a validated Config; bad values exit with status 2."""
     parser = make_parser()
     config = Config(**vars(parser.parse_args(argv)))
-    for name in ('epochs', 'batch_size', 'z_dim', 'sample_every', 'max_steps', 'checkpoint_every'):
-        value = getattr(config, name)
-        if value is not None and value <= 0:
-            parser.error(f'--{name} must be positive, got {value}')
-    if not config.lr > 0 or not math.isfinite(config.lr):
-        parser.error(f'--lr must be a positive number, got {config.lr}')
-    if not config.beta >= 0 or not math.isfinite(config.beta):
-        parser.error(f'--beta must be a non-negative number, got {config.beta}')
-    if config.experiment_name is None:
-        config.experiment_name = config.model
-    name = config.experiment_name
-    if not name or name == '.' or '..' in name or '/' in name or os.sep in name:
-        parser.error(f"--experiment_name must be a plain name, not a path: '{name}'")
+    try:
+        check_config(config)
+    except UsageError as e:
+        parser.error(str(e))
     return config
 
 
-def check_run_dir(config, chief=True):
-    """Creates the run folder; refuses to resume a checkpoint of another model."""
-    path = os.path.join(config.run_dir, 'config.json')
-    if os.path.exists(path) and tf.train.latest_checkpoint(os.path.join(config.run_dir, 'checkpoints')):
-        with open(path) as f:
-            saved = json.load(f)
-        for key in MODEL_KEYS:
-            if saved.get(key, getattr(Config(), key)) != getattr(config, key):
-                raise UsageError(
-                    f"{config.run_dir} holds a run with --{key} {saved.get(key)}, not "
-                    f"{getattr(config, key)}: resume it with the same value, or start fresh "
-                    f"with another --experiment_name (or delete the folder)")
-    if not chief:
-        return
+def check_config(config):
+    """Raises UsageError for a setting that cannot work; fills in experiment_name."""
+    for name in ('epochs', 'batch_size', 'z_dim', 'sample_every', 'max_steps', 'checkpoint_every'):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise UsageError(f'--{name} must be positive, got {value}')
+    if not config.lr > 0 or not math.isfinite(config.lr):
+        raise UsageError(f'--lr must be a positive number, got {config.lr}')
+    if not config.beta >= 0 or not math.isfinite(config.beta):
+        raise UsageError(f'--beta must be a non-negative number, got {config.beta}')
+    if config.log_sigma_min is not None and not math.isfinite(config.log_sigma_min):
+        raise UsageError(f"--log_sigma_min must be a finite number or 'none', got {config.log_sigma_min}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise UsageError(f'--seed must be between 0 and {MAX_SEED}, got {config.seed}')
+    if not config.dataset.strip():
+        raise UsageError('--dataset must name a data set or a folder, got an empty string')
+    if not config.output_dir.strip():
+        raise UsageError('--output_dir must name a folder, got an empty string')
+    if config.experiment_name is None:
+        config.experiment_name = config.model
+    utils.check_name(config.experiment_name, '--experiment_name')
+
+
+# ---- the run folder: config.json, checkpoints -------------------------------
+
+def _has_type(value, annotation):
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int):
+        return int in allowed or float in allowed
+    return isinstance(value, tuple(t for t in allowed if t is not type(None)))
+
+
+def read_config_file(path):
+    """A run's config.json as a dict, checked: a JSON object whose keys are Config's, each with
+    its field's type, and holding the keys that say which model it is. UsageError naming the
+    file (and the key) otherwise."""
+    fix = 'repair it or delete the run folder'
     try:
-        os.makedirs(config.run_dir, exist_ok=True)
-        utils.remove_temporary_files(config.run_dir)
-        utils.write_text(path, json.dumps(dataclasses.asdict(config), indent=2) + '\n')
-    except OSError as e:
-        raise UsageError(f'cannot write to {config.run_dir}: {e.strerror}') from None
+        with open(path, encoding='utf-8') as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f'{path} cannot be read ({e}): {fix}') from None
+    if not isinstance(saved, dict):
+        raise UsageError(f'{path} does not hold a JSON object of settings: {fix}')
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    for key, value in saved.items():
+        if key not in fields:
+            raise UsageError(f'{path} holds an unknown key {key!r}: it was not written by this '
+                             f'train.py; {fix}')
+        if not _has_type(value, fields[key]):
+            expected = ' or '.join(getattr(t, '__name__', str(t)).replace('NoneType', 'null')
+                                   for t in typing.get_args(fields[key]) or (fields[key],))
+            raise UsageError(f'{path}: key {key!r} holds {json.dumps(value)} '
+                             f'({type(value).__name__}), not a value of type {expected}; {fix}')
+    missing = [k for k in REQUIRED_KEYS if k not in saved]
+    if missing:
+        raise UsageError(f'{path} was not written by train.py (it has no key {missing[0]!r}); '
+                         f'{fix}')
+    return saved
+
+
+def check_resume(config):
+    """Refuses (UsageError) to resume a run folder's checkpoints with another value of a
+    MODEL_KEY, or when its config.json is damaged. Reads only."""
+    path = os.path.join(config.run_dir, 'config.json')
+    if not os.path.exists(path) or not CheckpointFolder(checkpoint_dir(config.run_dir)).any():
+        return
+    saved = read_config_file(path)
+    for key in MODEL_KEYS:
+        before, now = saved.get(key, getattr(Config(), key)), getattr(config, key)
+        if before != now:
+            raise UsageError(
+                f"{config.run_dir} holds a run with --{key} {before}, not {now}: resume it "
+                f"with the same value, or start fresh with another --experiment_name (or "
+                f"delete the folder)")
 
 
 def read_config(run_dir):
@@ -178,17 +245,162 @@ def read_config(run_dir):
     path = os.path.join(run_dir, 'config.json')
     if not os.path.isfile(path):
         raise UsageError(f'{run_dir} is not a run folder (no config.json)')
-    with open(path) as f:
-        saved = json.load(f)
-    config = Config(**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
+    config = Config(**read_config_file(path))
     config.output_dir, config.experiment_name = os.path.split(os.path.normpath(run_dir))
     return config
 
 
+def checkpoint_dir(run_dir):
+    return os.path.join(run_dir, 'checkpoints')
+
+
+STATE_FILE = 'checkpoint'  # TensorFlow's checkpoint state file: the latest and the kept ones
+DAMAGED = 'damaged'  # subfolder of checkpoints/ where checkpoints that do not restore are set aside
+_STATE_LINE = re.compile(r'(model_checkpoint_path|all_model_checkpoint_paths|'
+                         r'all_model_checkpoint_timestamps|last_preserved_timestamp): (".*"|[-+.\deE]+)')
+_CHECKPOINT_FILE = re.compile(r'ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})')
+
+
+def _is_tf_temporary(name):
+    """What TensorFlow's savers write before renaming: ckpt-N_temp/ (the shards),
+    checkpoint.tmp<hex> (the state file) and *.tempstate<n> (bundle files)."""
+    return (re.fullmatch(r'ckpt-\d+_temp', name) is not None or name.startswith(STATE_FILE + '.tmp')
+            or '.tempstate' in name)
+
+
+def _reason(error):
+    """The first line of an exception's message, without TensorFlow's node prefix."""
+    text = re.sub(r'\{\{[^}]*\}\}\s*', '', str(error)).strip()
+    text = text.splitlines()[0] if text else ''
+    return f'{type(error).__name__}: {text[:200]}' if text else type(error).__name__
+
+
+class CheckpointFolder:
+    """The checkpoints of a run as files, read without trusting TensorFlow's state file.
+
+    A checkpoint ckpt-N is its files ckpt-N.index and ckpt-N.data-*. The candidates to resume
+    from are those that the state file names and those that have an index (the state file
+    may be damaged, or behind after a kill between a save and its update). Data files without
+    an index that the state file does not name are the remains of an interrupted save.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.files, self.temporaries = {}, []
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        for name in names:
+            match = _CHECKPOINT_FILE.fullmatch(name)
+            if match:
+                self.files.setdefault(int(match[1]), []).append(name)
+            elif _is_tf_temporary(name):
+                self.temporaries.append(name)
+        self.state_exists = STATE_FILE in names
+        self.recorded = self._read_state() if self.state_exists else []  # None: damaged
+        self.complete = sorted(n for n, files in self.files.items() if f'ckpt-{n}.index' in files)
+        recorded = self.recorded or []
+        self.interrupted = ([n for n in self.files if n not in self.complete and n not in recorded]
+                            if self.recorded is not None else [])
+        self.candidates = sorted(set(recorded) | (set(self.files) - set(self.interrupted)),
+                                 reverse=True)
+
+    def _read_state(self):
+        """The checkpoint numbers that the state file names, or None if it is damaged."""
+        try:
+            with open(os.path.join(self.directory, STATE_FILE), encoding='utf-8') as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError):
+            return None
+        numbers = []
+        for line in lines:
+            match = _STATE_LINE.fullmatch(line)
+            if not match:
+                return None
+            if match[2].startswith('"'):
+                name = re.fullmatch(r'"(?:.*/)?ckpt-(\d+)"', match[2])
+                if not name:
+                    return None
+                numbers.append(int(name[1]))
+        return sorted(set(numbers)) or None
+
+    def any(self):
+        """Whether the folder holds a checkpoint or its state file."""
+        return bool(self.files) or self.state_exists
+
+    def path(self, number):
+        return os.path.join(self.directory, f'ckpt-{number}')
+
+    def find(self, restore):
+        """(path, skipped): the newest candidate that restore(path) restores without raising,
+        or None, and the (path, reason) of the newer ones that did not."""
+        skipped = []
+        for number in self.candidates:
+            path = self.path(number)
+            if f'ckpt-{number}.index' not in self.files.get(number, []):
+                reason = ('its files are missing' if number not in self.files
+                          else f'ckpt-{number}.index is missing')
+            else:
+                try:
+                    restore(path)
+                    return path, skipped
+                except Exception as e:  # NotFound, DataLoss, OutOfRange, a mismatch, ...
+                    reason = _reason(e)
+            skipped.append((path, reason))
+        return None, skipped
+
+    def remove_temporaries(self):
+        """Deletes TensorFlow's temporaries and the files of interrupted saves."""
+        for name in self.temporaries:
+            path = os.path.join(self.directory, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+        for number in self.interrupted:
+            for name in self.files.pop(number):
+                os.remove(os.path.join(self.directory, name))
+        self.temporaries, self.interrupted = [], []
+
+    def set_aside(self, numbers):
+        """Moves the files of these checkpoints into checkpoints/damaged/; returns that folder."""
+        damaged = os.path.join(self.directory, DAMAGED)
+        os.makedirs(damaged, exist_ok=True)
+        for number in numbers:
+            for name in self.files.pop(number, []):
+                target, i = os.path.join(damaged, name), 1
+                while os.path.exists(target):
+                    target, i = os.path.join(damaged, f'{name}.{i}'), i + 1
+                os.replace(os.path.join(self.directory, name), target)
+            if number in self.complete:
+                self.complete.remove(number)
+        return damaged
+
+    def write_state(self, number):
+        """Makes the state file name ckpt-<number> as the latest and the complete checkpoints
+        before it as kept (so that the CheckpointManager rotates them out); removes the state
+        file when number is None."""
+        path = os.path.join(self.directory, STATE_FILE)
+        if number is None:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        kept = [n for n in self.complete if n <= number]
+        if self.recorded == kept and kept and kept[-1] == number:
+            return
+        # The manager rotates out only checkpoints younger than last_preserved_timestamp.
+        now = time.time()
+        times = [min(os.path.getmtime(self.path(n) + '.index'), now) for n in kept]
+        utils.write_text(path, f'model_checkpoint_path: "ckpt-{number}"\n' + ''.join(
+            f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept) + ''.join(
+            f'all_model_checkpoint_timestamps: {t!r}\n' for t in times)
+            + f'last_preserved_timestamp: {min(times) - 1.0!r}\n')
+        self.recorded = kept
+
+
 def load_model(run_dir):
-    """(config, vae, state) of a trained run, restored from its newest checkpoint for
-    evaluation or generation: no optimizer, no training machinery. state holds the
-    checkpoint's path, step, train_seconds and the fixed prior z of its sample grids."""
+    """(config, vae, state) of a trained run, restored from its newest checkpoint that restores
+    (a damaged newer one is skipped, and said so), for evaluation or generation: no optimizer,
+    no training machinery. state holds the checkpoint's path, step, train_seconds and the fixed
+    prior z of its sample grids."""
     config = read_config(run_dir)
     if config.channels is None:
         raise UsageError(f'{run_dir} was written by an older version of train.py (config.json '
@@ -199,27 +411,112 @@ def load_model(run_dir):
         prior_z=tf.Variable(tf.zeros((NUM_SAMPLES, config.z_dim))))
     checkpoint = tf.train.Checkpoint(vae=vae, step=state.step, train_seconds=state.train_seconds,
                                      prior_z=state.prior_z)
-    state.path = tf.train.latest_checkpoint(os.path.join(run_dir, 'checkpoints'))
+    folder = CheckpointFolder(checkpoint_dir(run_dir))
+    state.path, skipped = folder.find(
+        lambda path: checkpoint.restore(path).expect_partial().assert_existing_objects_matched())
+    for path, reason in skipped:
+        print(f'skipped checkpoint {path}: it does not restore ({reason})', file=sys.stderr)
     if not state.path:
-        raise UsageError(f'{run_dir} has no checkpoint')
-    checkpoint.restore(state.path).expect_partial().assert_existing_objects_matched()
+        raise UsageError(f'{run_dir} has no checkpoint' if not skipped else no_checkpoint_restores(
+            folder.directory, skipped, 'fix or restore the files'))
     return config, vae, state
 
 
-class Diverged(UsageError):
+def no_checkpoint_restores(directory, skipped, advice):
+    listed = '; '.join(f'{os.path.basename(p)} ({r})' for p, r in skipped)
+    return f'no checkpoint in {directory} restores: {listed}; {advice}'
+
+
+class RunFailed(UsageError):
+    """The run stopped on a failure of the machine or of training, not of the input (exit
+    status 1): a loss that went non-finite, a checkpoint that could not be written."""
+
+
+class Diverged(RunFailed):
     """The loss or the weights went non-finite (exit status 1)."""
 
 
-class Interrupted(Exception):
-    """SIGTERM received: handled like Ctrl-C, with exit status 143."""
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM; `status` is the exit status, 128 + the signal: 130, 143.
+
+    A BaseException, as KeyboardInterrupt, so that no `except Exception` (Keras wraps the
+    exceptions of layer calls) swallows or rewrites it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum, self.status = signum, 128 + signum
+
+    def __str__(self):
+        return signal.Signals(self.signum).name
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted()
+class Interrupts:
+    """While active (a context manager), SIGINT and SIGTERM raise Interrupted in the main thread,
+    except inside `held()` blocks (a checkpoint being written), where the signal is only noted
+    and raised when the block ends. Once Interrupted has been raised, further signals are
+    ignored, so that the interrupt's own checkpoint is written whole."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None  # the first signal received
+        self.holding = 0
+        self.raised = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+        if not self.holding and not self.raised:
+            self._raise()
+
+    def _raise(self):
+        self.raised = True
+        raise Interrupted(self.signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+        if not self.holding and self.signum is not None and not self.raised:
+            self._raise()
 
 
 def all_finite(variables):
     return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables)
+
+
+def check_tf_config():
+    """Raises UsageError unless TF_CONFIG (if set) describes a cluster and this task in it."""
+    text = os.environ.get('TF_CONFIG')
+    if text is None:
+        return
+    try:
+        spec = json.loads(text)
+        cluster, task = spec['cluster'], spec['task']
+        valid = (isinstance(cluster, dict) and cluster and isinstance(task, dict)
+                 and all(isinstance(a, list) and a and all(isinstance(h, str) and ':' in h for h in a)
+                         for a in cluster.values())
+                 and task.get('type') in cluster and type(task.get('index')) is int
+                 and 0 <= task['index'] < len(cluster[task['type']]))
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise UsageError('TF_CONFIG must be JSON like {"cluster": {"worker": ["host:port", ...]}, '
+                         f'"task": {{"type": "worker", "index": 0}}}}, got {text[:200]!r}')
 
 
 def make_strategy(name):
@@ -227,6 +524,7 @@ def make_strategy(name):
     if name == 'mirrored':
         return tf.distribute.MirroredStrategy()
     if name == 'multi_worker':
+        check_tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
 
@@ -324,45 +622,114 @@ class Trainer:
             self.prior_z = tf.Variable(
                 tf.random.stateless_normal((NUM_SAMPLES, config.z_dim), seed=[config.seed, 1]),
                 trainable=False, name='prior_z')
-        self.checkpoint = tf.train.Checkpoint(
-            vae=self.vae, optimizer=self.optimizer, step=self.step, epoch=self.epoch,
-            train_seconds=self.train_seconds, prior_z=self.prior_z)
-        self.checkpoint_dir = os.path.join(config.run_dir, 'checkpoints')
-        # Every worker saves (saving is collective); only the chief's copy is kept.
-        save_dir = self.checkpoint_dir if self.chief else os.path.join(
-            config.run_dir, f'.tmp-worker-{self.strategy.cluster_resolver.task_id}')
-        self.manager = tf.train.CheckpointManager(self.checkpoint, save_dir, max_to_keep=3)
-        self.metrics = {k: keras.metrics.Mean(name=k) for k in METRICS}
+            # Sums of the training METRICS and the number of steps since the last metrics row,
+            # checkpointed so that a row's train averages cover its whole epoch across resumes.
+            self.train_sums = tf.Variable(tf.zeros(len(METRICS), tf.float64), trainable=False,
+                                          name='train_sums')
+            self.train_count = tf.Variable(0, dtype=tf.int64, trainable=False, name='train_count')
+        state = dict(vae=self.vae, optimizer=self.optimizer, step=self.step, epoch=self.epoch,
+                     train_seconds=self.train_seconds, prior_z=self.prior_z)
+        self.checkpoint = tf.train.Checkpoint(train_sums=self.train_sums,
+                                              train_count=self.train_count, **state)
+        self._checkpoint_without_sums = tf.train.Checkpoint(**state)  # of older versions
+        self.checkpoint_dir = checkpoint_dir(config.run_dir)
+        self.manager = None  # made by restore() or the first save()
+        self.saved_step = None  # the step of the checkpoint written or restored last
         self.evaluate = Evaluator(self.vae, config)
         self.update = tf.function(self._update, jit_compile=config.xla)
         self.train_step = tf.function(self._train_step)
 
-    def restore(self):
-        """Restores the latest checkpoint, if any; returns its path or None.
+    def _manager(self):
+        if self.manager is None:
+            # Every worker saves (saving is collective); only the chief's copy is kept.
+            save_dir = self.checkpoint_dir if self.chief else os.path.join(
+                self.config.run_dir, f'.tmp-worker-{self.strategy.cluster_resolver.task_id}')
+            self.manager = tf.train.CheckpointManager(self.checkpoint, save_dir, max_to_keep=3)
+        return self.manager
 
-        The learning rate is the one given now, not the saved one.
+    def _restore_from(self, path):
+        keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+        self.reset_train_means()
+        has_sums = 'train_sums/.ATTRIBUTES/VARIABLE_VALUE' in keys
+        checkpoint = self.checkpoint if has_sums else self._checkpoint_without_sums
+        checkpoint.restore(path).assert_existing_objects_matched()
+
+    def restore(self):
+        """Restores the newest checkpoint that restores completely; returns its path, or None
+        when the run folder holds no checkpoint.
+
+        Newer ones that do not restore are skipped, said so on stderr, and (the chief) moved
+        into checkpoints/damaged/, so that they are neither retried nor overwritten; older
+        good ones are kept. When none restores, raises UsageError naming them, unless
+        config.restart: then the run starts over from step 0. The chief also deletes
+        TensorFlow's temporaries and the remains of interrupted saves. The learning rate is
+        the one given now, not the saved one.
         """
-        path = tf.train.latest_checkpoint(self.checkpoint_dir)
+        folder = CheckpointFolder(self.checkpoint_dir)
+        path, skipped = folder.find(self._restore_from)
+        if skipped and not path and not self.config.restart:
+            raise UsageError(no_checkpoint_restores(
+                self.checkpoint_dir, skipped, f'start over with --restart (damaged files are kept in '
+                f'{os.path.join(self.checkpoint_dir, DAMAGED)}/), or delete the run folder'))
+        if self.chief:
+            folder.remove_temporaries()
+            for skipped_path, reason in skipped:
+                number = int(skipped_path.rsplit('-', 1)[1])
+                moved = number in folder.files
+                damaged = folder.set_aside([number])
+                print(f'skipped checkpoint {skipped_path}: it does not restore ({reason})'
+                      + (f'; its files are now in {damaged}/' if moved else ''), file=sys.stderr)
+            folder.write_state(int(path.rsplit('-', 1)[1]) if path else None)
+            if skipped and not path:
+                print('no checkpoint restores: starting over from step 0 (--restart)',
+                      file=sys.stderr)
+            for name in os.listdir(self.config.run_dir):
+                if name.startswith('.tmp-worker-'):  # a killed worker's save folder
+                    shutil.rmtree(os.path.join(self.config.run_dir, name), ignore_errors=True)
         if path:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
             self.optimizer.learning_rate.assign(self.config.lr)
+            self.saved_step = int(self.step.numpy())
+        else:
+            self.reset_train_means()
+        self._manager()
         return path
 
     def save(self):
-        """Checkpoints the run; raises Diverged, saving nothing, if a weight is not finite."""
+        """Checkpoints the run; raises Diverged, saving nothing, if a weight is not finite, and
+        RunFailed if the checkpoint cannot be written (a full disk): then the previous
+        checkpoints are intact and the temporaries of the failed save deleted."""
+        step = int(self.step.numpy())
         if not all_finite(self.vae.weights):
-            raise Diverged(f'training diverged at step {int(self.step.numpy())}: weights not finite; '
+            raise Diverged(f'training diverged at step {step}: weights not finite; '
                            + self.last_good())
-        path = self.manager.save(checkpoint_number=self.step)
+        try:
+            path = self._manager().save(checkpoint_number=self.step)
+        except (tf.errors.OpError, OSError) as e:
+            if self.chief:
+                CheckpointFolder(self.checkpoint_dir).remove_temporaries()
+            raise RunFailed(f'cannot write the checkpoint of step {step} ({_reason(e)}); '
+                            + self.last_checkpoint()) from None
+        self.saved_step = step
         if not self.chief:
             tf.io.gfile.rmtree(self.manager.directory)
             return tf.train.latest_checkpoint(self.checkpoint_dir)
         return path
 
-    def last_good(self):
+    def last_checkpoint(self):
         path = tf.train.latest_checkpoint(self.checkpoint_dir)
-        return (f'{path} holds the last good weights' if path else 'no checkpoint was written') + \
-            ' (try a lower --lr)'
+        return f'{path} holds the last good weights' if path else 'no checkpoint was written'
+
+    def last_good(self):
+        return self.last_checkpoint() + ' (try a lower --lr)'
+
+    def train_means(self):
+        """The means of the training METRICS since the last metrics row (a host sync)."""
+        count = max(int(self.train_count.numpy()), 1)
+        return {k: float(v) / count for k, v in zip(METRICS, self.train_sums.numpy())}
+
+    def reset_train_means(self):
+        self.train_sums.assign(tf.zeros_like(self.train_sums))
+        self.train_count.assign(0)
 
     def _update(self, x):
         """One Adam step on this replica's part x (b, S, S, C) of the global batch.
@@ -411,9 +778,10 @@ class Trainer:
         per_replica = self.strategy.run(self.update, args=(x,))
         stats = {k: self.strategy.experimental_local_results(v)[0] for k, v in per_replica.items()}
         self.step.assign_add(1)
-        for name, value in stats.items():
-            self.metrics[name].update_state(value)
-            if self.chief:
+        self.train_sums.assign_add(tf.cast(tf.stack([stats[k] for k in METRICS]), tf.float64))
+        self.train_count.assign_add(1)
+        if self.chief:
+            for name, value in stats.items():
                 tf.summary.scalar('train/' + name, value, step=self.step)
         return stats
 
@@ -435,38 +803,124 @@ class Trainer:
 
 
 def train(config):
-    """Trains (or resumes) the run that `config` describes; returns the last metrics row."""
-    strategy = make_strategy(config.strategy)  # first: multi-worker must start before other ops
-    keras.mixed_precision.set_dtype_policy(POLICIES[config.mixed_precision])
+    """Trains (or resumes) the run that `config` describes; returns the last metrics row.
+
+    Raises UsageError (bad input, exit status 2), RunFailed (exit status 1), or SystemExit
+    with status 130 / 143 after Ctrl-C / SIGTERM.
+    """
+    check_config(config)
+    with utils.private_tempdir():  # nothing is left in $TMPDIR, even after a SIGKILL
+        strategy = make_strategy(config.strategy)  # first: multi-worker starts before other ops
+        keras.mixed_precision.set_dtype_policy(POLICIES[config.mixed_precision])
+        try:
+            return _train(config, strategy)
+        finally:
+            keras.mixed_precision.set_dtype_policy('float32')
+
+
+def check_memory(config):
+    """Refuses a --z_dim whose dense layers alone need more than this machine's memory, at 6
+    float32 copies of each weight: the weights, their gradients, Adam's two moments, the
+    initial values and the copy of a checkpoint being written."""
+    needed = 6 * 4 * models.latent_weights(config.image_size, config.z_dim)
     try:
-        return _train(config, strategy)
-    finally:
-        keras.mixed_precision.set_dtype_policy('float32')
+        memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > memory:
+        raise UsageError(f'--z_dim {config.z_dim} is too large: the layers next to z alone would '
+                         f'need about {needed / 2 ** 30:,.0f} GiB to train, '
+                         f'more than the {memory / 2 ** 30:,.0f} GiB of memory here')
+
+
+def make_trainer(config, strategy):
+    """The Trainer, or UsageError if its model does not fit in memory."""
+    check_memory(config)
+    try:
+        return Trainer(config, strategy)
+    except (tf.errors.ResourceExhaustedError, MemoryError) as e:
+        raise UsageError(f'the model of --z_dim {config.z_dim} does not fit in memory '
+                         f'({_reason(e)[:120]}); use a smaller --z_dim') from None
 
 
 def _train(config, strategy):
     chief = is_chief(strategy)
+    lock = utils.FolderLock(config.run_dir, 'train.py')
+    if chief:
+        lock.check()  # fail at once, not after loading the data
+    # Everything is checked before anything is written: the data, the run folder's config.
     splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
     config.channels = splits.channels
-    check_run_dir(config, chief)
     steps_per_epoch = splits.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f'{splits.source} has {splits.num_train} training images, '
                          f'fewer than one batch of {config.batch_size}')
+    check_resume(config)
+    trainer = make_trainer(config, strategy)
+    with contextlib.ExitStack() as stack:
+        if chief:
+            try:
+                os.makedirs(config.run_dir, exist_ok=True)
+                stack.enter_context(lock)
+                check_resume(config)  # again: another process may have written it meanwhile
+                utils.remove_temporary_files(config.run_dir)
+            except OSError as e:
+                raise UsageError(f'cannot write to {config.run_dir}: {e.strerror}') from None
+        interrupts = stack.enter_context(Interrupts())
+        try:
+            return _run(config, strategy, trainer, splits, steps_per_epoch, interrupts)
+        except Interrupted as e:  # before the loop, or after its own handling
+            print(f'\ninterrupted ({e}) at step {int(trainer.step.numpy())}; '
+                  f'{trainer.last_checkpoint()}', file=sys.stderr)
+            raise SystemExit(e.status) from None
+
+
+def resume_rows(config, trainer, metrics_path):
+    """The rows of metrics.jsonl up to the restored step; the chief sets damaged lines aside in
+    metrics.jsonl.damaged (saying so) and drops rows written after the checkpoint (they would
+    be written again)."""
+    step = int(trainer.step.numpy())
+    rows, damaged = utils.read_rows(metrics_path)
+    kept = [r for r in rows if r['step'] <= step]
+    if trainer.chief and damaged:
+        utils.append_lines(metrics_path + '.damaged', damaged)
+        print(f'{metrics_path}: {len(damaged)} damaged line(s) set aside in '
+              f'{metrics_path}.damaged', file=sys.stderr)
+    if trainer.chief and (damaged or len(kept) < len(rows)):
+        utils.write_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in kept))
+    return kept
+
+
+class TrainClock:
+    """Adds the seconds spent in training steps (not in evaluations or saves) to a variable."""
+
+    def __init__(self, seconds):
+        self.seconds, self.tick = seconds, None
+
+    def start(self):
+        self.tick = time.time()
+
+    def stop(self):
+        tick, self.tick = self.tick, None  # first: a signal here must not count it twice
+        if tick is not None:
+            self.seconds.assign_add(time.time() - tick)
+
+
+def _run(config, strategy, trainer, splits, steps_per_epoch, interrupts):
+    chief = trainer.chief
     train_ds = data.make_pipeline(splits.train, config.image_size, config.batch_size,
                                   shuffle_seed=config.seed, data_range=config.data_range)
     test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
                                  drop_remainder=False, data_range=config.data_range)
     recon_inputs = next(iter(test_ds.unbatch().batch(NUM_RECONSTRUCTIONS)))
-
-    trainer = Trainer(config, strategy)
-    restored = trainer.restore()
-    step = int(trainer.step.numpy())
     metrics_path = os.path.join(config.run_dir, 'metrics.jsonl')
-    # Rows written after the checkpoint we resume from would be written again: drop them.
-    rows = [r for r in utils.read_jsonl(metrics_path) if r['step'] <= step]
-    if chief:
-        utils.write_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in rows))
+    with interrupts.held():  # a consistent folder before anything else
+        restored = trainer.restore()
+        step = int(trainer.step.numpy())
+        if chief:
+            utils.write_text(os.path.join(config.run_dir, 'config.json'),
+                             json.dumps(dataclasses.asdict(config), indent=2) + '\n')
+        rows = resume_rows(config, trainer, metrics_path)
 
     total = config.epochs * steps_per_epoch
     if config.max_steps:
@@ -475,62 +929,79 @@ def _train(config, strategy):
           f'{splits.channels} channel(s) at {config.image_size}x{config.image_size}; '
           f'{steps_per_epoch} steps per epoch; model {config.model}, '
           f'{trainer.vae.count_params()} parameters; {strategy.num_replicas_in_sync} replica(s); '
-          f'run folder {config.run_dir}')
+          f'run folder {config.run_dir}', flush=True)
     if restored:
-        print(f'resumed from {restored} at step {step}, epoch {step / steps_per_epoch:.2f}')
-    if step >= total:
-        print(f'nothing to do: step {step} of {total} reached (raise --epochs or --max_steps)')
-        return rows[-1] if rows else None
-
-    # The rest of the current epoch (a fresh shuffle after a resume), then whole epochs.
-    left_in_epoch = steps_per_epoch - step % steps_per_epoch
-    batches = iter(strategy.experimental_distribute_dataset(
-        train_ds.take(left_in_epoch).concatenate(train_ds.repeat())))
+        print(f'resumed from {restored} at step {step}, epoch {step / steps_per_epoch:.2f}',
+              flush=True)
+    row = rows[-1] if rows else None
     writer = (tf.summary.create_file_writer(os.path.join(config.run_dir, 'logs')) if chief
               else tf.summary.create_noop_writer())
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    # No bar when standard error is not a terminal (a log file, a pipe): the rows say enough.
-    bar = tqdm(total=total, initial=step, unit='step', dynamic_ncols=True, desc=config.experiment_name,
-               disable=True if not chief else None)
-    row = rows[-1] if rows else None
-    tick = time.time()
+    clock = TrainClock(trainer.train_seconds)
+    bar = None
     try:
         with writer.as_default():
+            if row is not None and row['step'] == step:
+                trainer.reset_train_means()  # the checkpoint may predate the row's reset
+            elif step and (step % steps_per_epoch == 0 or step == total):
+                # An interrupt during the evaluation saved this epoch's end without its row.
+                row = end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch,
+                                   metrics_path, interrupts, save=False)
+                if row:
+                    print(format_row(row), flush=True)
+            if step >= total:
+                print(f'nothing to do: step {step} of {total} reached (raise --epochs or --max_steps)')
+                return row
+            # The rest of the current epoch (a fresh shuffle after a resume), then whole epochs.
+            left_in_epoch = steps_per_epoch - step % steps_per_epoch
+            batches = iter(strategy.experimental_distribute_dataset(
+                train_ds.take(left_in_epoch).concatenate(train_ds.repeat())))
+            # No bar when stderr is not a terminal (a log file, a pipe): the rows say enough.
+            bar = tqdm(total=total, initial=step, unit='step', dynamic_ncols=True,
+                       desc=config.experiment_name, disable=True if not chief else None)
+            clock.start()
             for step in range(step + 1, total + 1):
                 stats = trainer.train_step(next(batches))
                 bar.update(1)
                 end = step % steps_per_epoch == 0 or step == total
                 if step % REFRESH_EVERY == 0 or end:
                     check_finite(stats, step, trainer)
-                    bar.set_postfix({k: f'{float(m.result()):.4g}' for k, m in trainer.metrics.items()
+                    bar.set_postfix({k: f'{v:.4g}' for k, v in trainer.train_means().items()
                                      if k in ('loss', 'rec', 'kl', 'log_sigma')})
                 if step % config.sample_every == 0 and chief:
                     trainer.write_images(recon_inputs)
                 if end or (config.checkpoint_every and step % config.checkpoint_every == 0):
                     check_finite(stats, step, trainer)
-                    trainer.train_seconds.assign_add(time.time() - tick)
+                    clock.stop()
                     trainer.epoch.assign(step // steps_per_epoch)
                     if end:
                         row = end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch,
-                                           metrics_path)
+                                           metrics_path, interrupts)
                         if row:
                             bar.write(format_row(row))
                     else:
-                        trainer.save()
-                    tick = time.time()
-    except (KeyboardInterrupt, Interrupted) as e:
-        bar.close()
+                        with interrupts.held():
+                            trainer.save()
+                    clock.start()
+    except Interrupted as e:
+        clock.stop()  # the time since the last checkpoint counts too
+        if bar is not None:
+            bar.close()
+        step = int(trainer.step.numpy())
         if config.strategy == 'multi_worker':  # saving is collective: the others would hang
-            print(f'\ninterrupted at step {int(trainer.step.numpy())}; not saved under multi_worker, '
+            print(f'\ninterrupted at step {step}; not saved under multi_worker, '
                   f'the last checkpoint is {tf.train.latest_checkpoint(trainer.checkpoint_dir)}',
                   file=sys.stderr)
         else:
-            path = trainer.save()
-            print(f'\ninterrupted at step {int(trainer.step.numpy())}; saved {path}', file=sys.stderr)
-        raise SystemExit(143 if isinstance(e, Interrupted) else 130)
+            # Further signals are ignored until this save is complete (Interrupts).
+            if trainer.saved_step != step:
+                trainer.epoch.assign(step // steps_per_epoch)
+                trainer.save()
+            path = tf.train.latest_checkpoint(trainer.checkpoint_dir)
+            print(f'\ninterrupted at step {step}; saved {path}', file=sys.stderr)
+        raise SystemExit(e.status) from None
     finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, previous)
+        if bar is not None:
+            bar.close()
         writer.flush()
     return row
 
@@ -542,23 +1013,32 @@ def format_row(row):
                     for k in keys)
 
 
-def end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch, metrics_path):
-    """Evaluates, writes grids and a metrics row (the chief), then checkpoints (every worker)."""
+def end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch, metrics_path,
+                 interrupts, save=True):
+    """Evaluates, writes grids and a metrics row (the chief), then checkpoints (every worker).
+
+    The row, the reset of the training averages and the checkpoint are written together,
+    with signals held off: an interrupt during the evaluation saves the epoch's end without
+    its row, and the resume writes the row.
+    """
     if not trainer.chief:
-        trainer.save()
+        if save:
+            with interrupts.held():
+                trainer.save()
         return None
     row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'wall_time': time.time(),
            'train_seconds': round(float(trainer.train_seconds.numpy()), 2)}
-    row.update({'train_' + k: float(m.result()) for k, m in trainer.metrics.items()})
-    for m in trainer.metrics.values():
-        m.reset_state()
+    row.update({'train_' + k: v for k, v in trainer.train_means().items()})
     row.update(trainer.evaluate(test_ds))
     for key, value in row.items():
         if key.startswith('test_'):
             tf.summary.scalar('test/' + key[5:], value, step=step)
     trainer.write_images(recon_inputs)
-    utils.append_jsonl(metrics_path, row)
-    trainer.save()
+    with interrupts.held():
+        utils.append_jsonl(metrics_path, row)
+        trainer.reset_train_means()
+        if save:
+            trainer.save()
     return row
 
 
@@ -575,8 +1055,26 @@ def main(argv=None):
         train(config)
     except UsageError as e:
         print(f'train.py: error: {e}', file=sys.stderr)
-        return 1 if isinstance(e, Diverged) else 2
+        return 1 if isinstance(e, RunFailed) else 2
+    except OSError as e:  # e.g. a full disk while writing images or metrics
+        print(f'train.py: error: cannot write {e.filename or ""}: {e.strerror or e}',
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before training started
+        print('train.py: interrupted', file=sys.stderr)
+        return 130
+    except SystemExit:  # interrupted (130, 143): the checkpoint is saved
+        ignore_interrupts()
+        raise
     return 0
+
+
+def ignore_interrupts():
+    """On the way out after an interrupt: a further Ctrl-C or SIGTERM (while TensorFlow shuts
+    down) must not turn the exit into a traceback and status -2."""
+    if threading.current_thread() is threading.main_thread():
+        for s in Interrupts.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 if __name__ == '__main__':

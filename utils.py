@@ -1,9 +1,21 @@
-"""Small helpers: a quiet TensorFlow start, errors for the CLI, image grids, atomic file writes."""
+"""Small helpers: a quiet TensorFlow start, errors and flag parsing for the CLIs, image
+grids, file writes that survive kills, JSON-lines reading that survives damage, and the lock
+of a run folder."""
+import argparse
+import contextlib
+import datetime
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import sys
 import tempfile
+import unicodedata
+import uuid
 
 import numpy as np
 from PIL import Image
@@ -54,6 +66,25 @@ class UsageError(Exception):
     """Bad input from the user: the CLI prints its message on one line, exit code 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, 'prog: error: message (see prog --help)', exit
+    status 2, instead of the usage block and the error. Every CLI of the project uses it."""
+
+    def error(self, message):
+        message = ' '.join(str(message).splitlines())
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+def check_name(name, flag):
+    """Raises UsageError unless `name` is a plain name of a file or folder: not empty, not a
+    path ('/', '..'), not starting with '-', without whitespace or control characters."""
+    if (not name or name in ('.', '..') or '/' in name or os.sep in name or '..' in name
+            or name.startswith('-')
+            or any(c.isspace() or unicodedata.category(c).startswith('C') for c in name)):
+        raise UsageError(f'{flag} must be a plain name (not a path, not starting with "-", '
+                         f'without spaces or control characters), got {name!r}')
+
+
 def image_grid(images, rows, cols):
     """(N, H, W, C) uint8 with N <= rows * cols -> one (rows*H, cols*W, C) image.
 
@@ -76,11 +107,18 @@ def side_by_side(inputs, reconstructions):
     return pairs.reshape((-1,) + pairs.shape[2:])
 
 
+TEMPORARY_PREFIX = '.tmp-'
+
+
 def atomic_write(path, write):
-    """Calls write(tmp_path) and renames the file into place, so no reader sees half a file."""
+    """Calls write(tmp_path) and renames the file into place, so no reader sees half a file.
+
+    The temporary file is created with the permissions the umask gives (as open() would),
+    not mkstemp's 0600, so that the file can be read by whom the umask allows.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.splitext(path)[1])
-    os.close(fd)
+    tmp = os.path.join(folder, f'{TEMPORARY_PREFIX}{uuid.uuid4().hex[:12]}{os.path.splitext(path)[1]}')
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -121,23 +159,47 @@ def write_text(path, text):
     atomic_write(path, write)
 
 
-def read_jsonl(path):
-    """The complete JSON lines of a file ([] if it does not exist); a torn last line is dropped."""
+def read_rows(path, key='step'):
+    """The rows of a JSON-lines file and its damaged lines, as (rows, damaged).
+
+    A row is a JSON object whose `key` is an integer larger than the previous row's; every
+    other line that is not blank (torn, garbage, another JSON value, no key, out of order)
+    is damaged and returned as it was, without its newline. ([], []) if there is no file.
+    """
     if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
+        return [], []
+    rows, damaged = [], []
+    with open(path, encoding='utf-8', errors='surrogateescape') as f:
         for line in f:
+            line = line.rstrip('\n')
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            value = row.get(key) if isinstance(row, dict) else None
+            if (isinstance(value, int) and not isinstance(value, bool)
+                    and (not rows or value > rows[-1][key])):
+                rows.append(row)
+            else:
+                damaged.append(line)
+    return rows, damaged
+
+
+def read_jsonl(path, key='step'):
+    """The good rows of a JSON-lines file (see read_rows); [] if it does not exist."""
+    return read_rows(path, key)[0]
 
 
 def append_jsonl(path, row):
-    with open(path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
+    append_lines(path, [json.dumps(row)])
+
+
+def append_lines(path, lines):
+    """Appends lines to a text file and flushes them to the disk."""
+    with open(path, 'a', encoding='utf-8', errors='surrogateescape') as f:
+        f.write(''.join(line + '\n' for line in lines))
         f.flush()
         os.fsync(f.fileno())
 
@@ -146,5 +208,106 @@ def remove_temporary_files(folder):
     """Deletes what atomic_write leaves behind when a process is killed mid-write."""
     for root, _, names in os.walk(folder):
         for name in names:
-            if name.startswith('.tmp-'):
+            if name.startswith(TEMPORARY_PREFIX):
                 os.remove(os.path.join(root, name))
+
+
+PRIVATE_TEMPDIR = 'sigma-vae'
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's
+    return True
+
+
+@contextlib.contextmanager
+def private_tempdir():
+    """Points Python's tempfile at a folder of this process for the block, and deletes it after.
+
+    TensorFlow's autograph writes a source file into $TMPDIR for every function it converts
+    (deleted only by an atexit handler, which a SIGKILL skips) and tensorflow-datasets an
+    empty tmp...tfds folder each time it looks a data set up (never deleted). The folder is
+    named sigma-vae-<host>-<pid>-...; such folders of processes of this host that no longer run
+    (killed) are deleted first.
+    """
+    base, host = tempfile.gettempdir(), socket.gethostname()
+    pattern = re.compile(rf'{PRIVATE_TEMPDIR}-{re.escape(host)}-(\d+)-.*')
+    for name in os.listdir(base):
+        match = pattern.fullmatch(name)
+        if match and int(match[1]) != os.getpid() and not _running(int(match[1])):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f'{PRIVATE_TEMPDIR}-{host}-{os.getpid()}-', dir=base)
+    previous, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class FolderLock:
+    """One writer per folder: an exclusive flock on <folder>/lock, which names its holder.
+
+    The operating system releases the lock when its process ends, however it ends (SIGKILL,
+    a crash), so a killed run never blocks the next one. A second process that asks for it
+    gets a UsageError naming the process that holds it. Use as a context manager.
+    """
+
+    def __init__(self, folder, program):
+        self.path = os.path.join(folder, 'lock')
+        self.program = program
+        self.fd = None
+
+    def check(self):
+        """Raises the UsageError of __enter__ if another process holds the lock now, without
+        creating anything: a cheap test before the work that precedes taking the lock."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            self._lock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+
+    def _lock(self, fd, operation):
+        """flock; False if the file system cannot lock (warned), UsageError if it is held."""
+        try:
+            fcntl.flock(fd, operation)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                print(f'warning: cannot lock {self.path} ({e.strerror}): make sure that no other '
+                      f'process writes into {os.path.dirname(self.path)}', file=sys.stderr)
+                return False
+            holder = os.pread(fd, 1000, 0).decode('utf-8', 'replace').strip() or 'another process'
+            raise UsageError(f'{os.path.dirname(self.path)} is in use by {holder}: one process '
+                             f'at a time writes into a run folder; wait for it to end or stop '
+                             f'it') from None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            locked = self._lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except UsageError:
+            os.close(fd)
+            raise
+        if not locked:
+            os.close(fd)
+            return self
+        started = datetime.datetime.now().isoformat(sep=' ', timespec='seconds')
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'process {os.getpid()} on {socket.gethostname()} ({self.program}, '
+                      f'since {started})\n'.encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays (deleting it would race)
+            self.fd = None

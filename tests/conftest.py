@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import numpy as np
@@ -37,8 +38,13 @@ def image_folder(tmp_path_factory):
 
 
 def run(argv):
-    """train.main in-process; returns its exit status."""
+    """train.main in-process; returns its exit status. The signal handlers are restored
+    (an interrupted main ignores SIGINT and SIGTERM on its way out)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return train.main(argv)
     except SystemExit as e:
         return e.code
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

@@ -165,7 +165,7 @@ def test_too_few_images(tmp_path, capsys, count, batch, words):
     (['--checkpoint_every', '0'], '--checkpoint_every must be positive'),
     (['--model', 'vq'], "invalid choice: 'vq'"),
     (['--image_size', '30'], 'invalid choice: 30'),
-    (['--log_sigma_min', 'low'], "expected a number or 'none'"),
+    (['--log_sigma_min', 'low'], "expected a finite number or 'none'"),
     (['--experiment_name', '../escape'], 'plain name'),
     (['--experiment_name', 'a/b'], 'plain name'),
     (['--experiment_name', '..'], 'plain name'),
@@ -177,7 +177,8 @@ def test_bad_flags_exit_2_with_one_line(argv, words, capsys):
 
 
 @pytest.mark.parametrize('flag, value', [('--model', 'optimal'), ('--z_dim', '5'),
-                                          ('--image_size', '32'), ('--data_range', '0,1')])
+                                          ('--image_size', '32'), ('--data_range', '0,1'),
+                                          ('--seed', '2'), ('--batch_size', '4')])
 def test_resuming_another_model_is_refused(image_folder, tmp_path, capsys, flag, value):
     args = ['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name', 'r',
             '--max_steps', '1'] + TINY
