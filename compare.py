@@ -21,6 +21,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+import data
 import evaluate
 import losses
 import train
@@ -54,8 +55,8 @@ def make_parser():
     p.add_argument('--output_dir', default='output/compare', help='folder of the runs and results')
     p.add_argument('--dataset', default='svhn_cropped', help='as for train.py')
     p.add_argument('--data_dir', default=None, help='as for train.py')
-    p.add_argument('--data_range', choices=('-1,1', '0,1'), default='-1,1',
-                   help='as for train.py; write --data_range=-1,1 with "="')
+    p.add_argument('--data_range', choices=list(data.DATA_RANGES), default='-1,1', metavar='RANGE',
+                   help="'-1,1' or '0,1', as for train.py")
     p.add_argument('--epochs', type=int, default=10, help='training epochs of every model')
     p.add_argument('--max_steps', type=int, default=None, help='stop every model after this many steps')
     p.add_argument('--batch_size', type=int, default=64, help='as for train.py')

@@ -18,7 +18,6 @@ from typing import Optional
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 import utils
 from utils import UsageError
@@ -232,9 +231,9 @@ def _read_files(files, mode, size, others=()):
     """[(path, uint8 (size, size, C))] of the files that decode, read in parallel in `mode`;
     one warning counts the others (and `others`, entries that are not regular files)."""
     with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-        results = list(tqdm(pool.map(lambda p: _read_image(p, mode, size), files),
-                            total=len(files), desc='reading images', unit='file',
-                            disable=True if len(files) < 1000 else None, leave=False))
+        results = list(utils.progress(pool.map(lambda p: _read_image(p, mode, size), files),
+                                      len(files) >= 1000, total=len(files), desc='reading images',
+                                      unit='file', leave=False))
     bad = [(p, r) for p, r in zip(files, results) if isinstance(r, Exception)]
     large = [(p, r) for p, r in bad if isinstance(r, TooLarge)]
     broken = [(p, r) for p, r in bad if not isinstance(r, TooLarge)]

@@ -26,7 +26,6 @@ utils.quiet_tensorflow()
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 import losses  # noqa: E402
@@ -172,8 +171,8 @@ def importance_weighted_nll(vae, test_ds, num_samples, max_images=None, seed=0):
     images = test_ds.unbatch()
     if max_images:
         images = images.take(max_images)
-    for i, x in enumerate(tqdm(images.batch(per_batch), desc=f'IW-NLL, K={num_samples}',
-                               unit='batch', leave=False)):
+    for i, x in enumerate(utils.progress(images.batch(per_batch), desc=f'IW-NLL, K={num_samples}',
+                                         unit='batch', leave=False)):
         log_w = log_weights(x, tf.constant([seed, i], tf.int64))
         nll = -(tf.reduce_logsumexp(log_w, axis=1) - math.log(num_samples))
         total += tf.reduce_sum(nll, axis=1).numpy()
@@ -188,8 +187,8 @@ def decode_images(vae, z, data_range, desc='decoding'):
     """z (N, Z) -> the decoder means as uint8 (N, S, S, C), in batches of BATCH (a progress
     bar when N is large)."""
     batches = range(0, len(z), BATCH)
-    out = [vae.decode(z[i:i + BATCH]) for i in tqdm(batches, desc=desc, unit='batch', leave=False,
-                                                   disable=len(z) < PROGRESS_MIN)]
+    out = [vae.decode(z[i:i + BATCH]) for i in utils.progress(
+        batches, len(z) >= PROGRESS_MIN, desc=desc, unit='batch', leave=False)]
     return data.to_uint8(np.concatenate(out), data_range)
 
 
@@ -248,9 +247,9 @@ def encode_images(vae, images, num_images, config):
     encode = tf.function(lambda x: vae.encoder(x, training=False), reduce_retracing=True)
     batches = data.make_pipeline(images, config.image_size, BATCH, drop_remainder=False,
                                  data_range=config.data_range)
-    out = [[t.numpy() for t in encode(x)] for x in tqdm(
+    out = [[t.numpy() for t in encode(x)] for x in utils.progress(
         batches, desc='encoding', unit='batch', total=math.ceil(num_images / BATCH), leave=False,
-        disable=num_images < PROGRESS_MIN)]
+        show=num_images >= PROGRESS_MIN)]
     return tuple(np.concatenate(t) for t in zip(*out))
 
 

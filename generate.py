@@ -273,7 +273,7 @@ def dim_list(text):
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(prog='generate.py', description=__doc__.splitlines()[0],
+    parser = utils.ArgumentParser(prog='generate.py', description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split('\n\n')[-1])
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')

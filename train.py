@@ -27,7 +27,6 @@ utils.quiet_tensorflow()
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 import losses  # noqa: E402
@@ -118,9 +117,9 @@ def make_parser():
                    help='tensorflow-datasets data folder (or one holding the Fashion-MNIST IDX files)')
     p.add_argument('--image_size', type=int, choices=sorted(models.ARCHITECTURES),
                    default=d.image_size, help='images are resized to this square size')
-    p.add_argument('--data_range', choices=sorted(data.DATA_RANGES), default=d.data_range,
-                   help='pixel scale and decoder output: -1,1 with tanh (TF original) or 0,1 with sigmoid '
-                        '(PyTorch sibling); write --data_range=-1,1 with "="')
+    p.add_argument('--data_range', choices=list(data.DATA_RANGES), default=d.data_range,
+                   metavar='RANGE', help="pixel scale and decoder output: '-1,1' with tanh (the TF "
+                                         "original) or '0,1' with sigmoid (the PyTorch sibling)")
     p.add_argument('--seed', type=int, default=d.seed,
                    help=f'seed of weights, noise, shuffling and an image folder\'s test split (0 to {MAX_SEED})')
     p.add_argument('--sample_every', type=int, default=d.sample_every,
@@ -955,9 +954,8 @@ def _run(config, strategy, trainer, splits, steps_per_epoch, interrupts):
             left_in_epoch = steps_per_epoch - step % steps_per_epoch
             batches = iter(strategy.experimental_distribute_dataset(
                 train_ds.take(left_in_epoch).concatenate(train_ds.repeat())))
-            # No bar when stderr is not a terminal (a log file, a pipe): the rows say enough.
-            bar = tqdm(total=total, initial=step, unit='step', dynamic_ncols=True,
-                       desc=config.experiment_name, disable=True if not chief else None)
+            bar = utils.progress(show=chief, total=total, initial=step, unit='step',
+                                 dynamic_ncols=True, desc=config.experiment_name)
             clock.start()
             for step in range(step + 1, total + 1):
                 stats = trainer.train_step(next(batches))

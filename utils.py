@@ -66,6 +66,13 @@ class UsageError(Exception):
     """Bad input from the user: the CLI prints its message on one line, exit code 2."""
 
 
+def progress(iterable=None, show=True, **kwargs):
+    """A tqdm progress bar, or none: when `show` is false, or when standard error is not a
+    terminal (a log file or a pipe would get every redraw of the bar)."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=True if not show else None, **kwargs)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, 'prog: error: message (see prog --help)', exit
     status 2, instead of the usage block and the error. Every CLI of the project uses it."""
@@ -73,6 +80,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         message = ' '.join(str(message).splitlines())
         self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+    def parse_known_args(self, args=None, namespace=None):
+        # A value that starts with '-' (--data_range -1,1) reads to argparse as an option;
+        # for an option whose choices start with '-', the next word is its value.
+        args = list(sys.argv[1:] if args is None else args)
+        dashed = {flag for action in self._actions if action.choices
+                  and any(str(c).startswith('-') for c in action.choices)
+                  for flag in action.option_strings}
+        for i in range(len(args) - 1):
+            if args[i] in dashed:
+                args[i:i + 2] = [f'{args[i]}={args[i + 1]}', None]
+        return super().parse_known_args([a for a in args if a is not None], namespace)
 
 
 def check_name(name, flag):
