@@ -942,9 +942,10 @@ def _run(config, strategy, trainer, splits, steps_per_epoch, interrupts):
             if row is not None and row['step'] == step:
                 trainer.reset_train_means()  # the checkpoint may predate the row's reset
             elif step and (step % steps_per_epoch == 0 or step == total):
-                # An interrupt during the evaluation saved this epoch's end without its row.
-                row = end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch,
-                                   metrics_path, interrupts, save=False)
+                # An interrupt just before the epoch's end was handled saved it without its row.
+                with interrupts.held():
+                    row = end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch,
+                                       metrics_path, save=False)
                 if row:
                     print(format_row(row), flush=True)
             if step >= total:
@@ -970,14 +971,14 @@ def _run(config, strategy, trainer, splits, steps_per_epoch, interrupts):
                 if end or (config.checkpoint_every and step % config.checkpoint_every == 0):
                     check_finite(stats, step, trainer)
                     clock.stop()
-                    trainer.epoch.assign(step // steps_per_epoch)
-                    if end:
-                        row = end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch,
-                                           metrics_path, interrupts)
-                        if row:
-                            bar.write(format_row(row))
-                    else:
-                        with interrupts.held():
+                    with interrupts.held():  # an epoch's end is evaluated and saved whole
+                        trainer.epoch.assign(step // steps_per_epoch)
+                        if end:
+                            row = end_of_epoch(trainer, test_ds, recon_inputs, step,
+                                               steps_per_epoch, metrics_path)
+                            if row:
+                                bar.write(format_row(row))
+                        else:
                             trainer.save()
                     clock.start()
     except Interrupted as e:
@@ -1012,17 +1013,16 @@ def format_row(row):
 
 
 def end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch, metrics_path,
-                 interrupts, save=True):
+                 save=True):
     """Evaluates, writes grids and a metrics row (the chief), then checkpoints (every worker).
 
-    The row, the reset of the training averages and the checkpoint are written together,
-    with signals held off: an interrupt during the evaluation saves the epoch's end without
-    its row, and the resume writes the row.
+    The caller holds signals off for all of it (a few seconds): were an interrupt to save the
+    epoch's end without its row, the resume would evaluate it again, and a run interrupted
+    more often than an evaluation takes would never get past that epoch's end.
     """
     if not trainer.chief:
         if save:
-            with interrupts.held():
-                trainer.save()
+            trainer.save()
         return None
     row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'wall_time': time.time(),
            'train_seconds': round(float(trainer.train_seconds.numpy()), 2)}
@@ -1032,11 +1032,10 @@ def end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch, metrics_
         if key.startswith('test_'):
             tf.summary.scalar('test/' + key[5:], value, step=step)
     trainer.write_images(recon_inputs)
-    with interrupts.held():
-        utils.append_jsonl(metrics_path, row)
-        trainer.reset_train_means()
-        if save:
-            trainer.save()
+    utils.append_jsonl(metrics_path, row)
+    trainer.reset_train_means()
+    if save:
+        trainer.save()
     return row
 
 

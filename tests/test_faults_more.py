@@ -197,8 +197,8 @@ def test_damaged_metrics_lines_are_set_aside_once(image_folder, trained, tmp_pat
 
 # ---- 4. an interrupt during the end-of-epoch evaluation --------------------------
 
-def test_interrupt_during_evaluation_gets_its_row_on_resume(image_folder, tmp_path, monkeypatch,
-                                                            capsys):
+def test_an_interrupt_during_the_evaluation_waits_for_the_row_and_checkpoint(
+        image_folder, tmp_path, monkeypatch, capsys):
     evaluate_test = train.Evaluator.__call__
 
     def interrupted(self, test_ds):
@@ -206,14 +206,31 @@ def test_interrupt_during_evaluation_gets_its_row_on_resume(image_folder, tmp_pa
         return evaluate_test(self, test_ds)
 
     args = ['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name', 'i',
-            '--epochs', '1'] + TINY
+            '--epochs', '2'] + TINY
     monkeypatch.setattr(train.Evaluator, '__call__', interrupted)
     assert run(args) == 143
     run_dir = tmp_path / 'i'
     assert tf.train.latest_checkpoint(str(run_dir / 'checkpoints')).endswith('ckpt-5')
+    assert [r['step'] for r in strict_rows(run_dir / 'metrics.jsonl')] == [5]
+
+
+def test_an_epoch_end_saved_without_its_row_gets_it_on_resume(image_folder, tmp_path,
+                                                              monkeypatch, capsys):
+    stop = train.TrainClock.stop
+
+    def interrupted(self):  # the loop stops the clock just before the epoch's end is handled
+        os.kill(os.getpid(), signal.SIGTERM)
+        return stop(self)
+
+    args = ['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name', 'i',
+            '--epochs', '1'] + TINY
+    monkeypatch.setattr(train.TrainClock, 'stop', interrupted)
+    assert run(args) == 143
+    run_dir = tmp_path / 'i'
+    assert tf.train.latest_checkpoint(str(run_dir / 'checkpoints')).endswith('ckpt-5')
     path = run_dir / 'metrics.jsonl'
-    assert (strict_rows(path) if path.exists() else []) == []  # the epoch's row was lost here
-    monkeypatch.setattr(train.Evaluator, '__call__', evaluate_test)
+    assert (strict_rows(path) if path.exists() else []) == []  # before: this row was lost
+    monkeypatch.setattr(train.TrainClock, 'stop', stop)
     capsys.readouterr()
     assert run(args) == 0
     assert 'nothing to do' in capsys.readouterr().out
