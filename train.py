@@ -626,11 +626,10 @@ class Trainer:
             self.train_sums = tf.Variable(tf.zeros(len(METRICS), tf.float64), trainable=False,
                                           name='train_sums')
             self.train_count = tf.Variable(0, dtype=tf.int64, trainable=False, name='train_count')
-        state = dict(vae=self.vae, optimizer=self.optimizer, step=self.step, epoch=self.epoch,
-                     train_seconds=self.train_seconds, prior_z=self.prior_z)
-        self.checkpoint = tf.train.Checkpoint(train_sums=self.train_sums,
-                                              train_count=self.train_count, **state)
-        self._checkpoint_without_sums = tf.train.Checkpoint(**state)  # of older versions
+        self.checkpoint = tf.train.Checkpoint(
+            vae=self.vae, optimizer=self.optimizer, step=self.step, epoch=self.epoch,
+            train_seconds=self.train_seconds, prior_z=self.prior_z, train_sums=self.train_sums,
+            train_count=self.train_count)
         self.checkpoint_dir = checkpoint_dir(config.run_dir)
         self.manager = None  # made by restore() or the first save()
         self.saved_step = None  # the step of the checkpoint written or restored last
@@ -647,11 +646,7 @@ class Trainer:
         return self.manager
 
     def _restore_from(self, path):
-        keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
-        self.reset_train_means()
-        has_sums = 'train_sums/.ATTRIBUTES/VARIABLE_VALUE' in keys
-        checkpoint = self.checkpoint if has_sums else self._checkpoint_without_sums
-        checkpoint.restore(path).assert_existing_objects_matched()
+        self.checkpoint.restore(path).assert_existing_objects_matched()
 
     def restore(self):
         """Restores the newest checkpoint that restores completely; returns its path, or None

@@ -132,24 +132,6 @@ def test_compare_takes_its_models_from_the_registry():
     assert compare.parse_args([]).models == list(losses.DECODERS)
 
 
-def test_compare_end_to_end(image_folder, tmp_path):
-    out = tmp_path / 'cmp'
-    assert compare.main(['--dataset', image_folder, '--output_dir', str(out), '--max_steps', '2',
-                         '--batch_size', '8', '--z_dim', '4', '--iw_samples', '3',
-                         '--fid_samples', '4', '--models', 'sigma,logistic', '--beta_vae', '0.1']) == 0
-    table = open(out / 'results.md').read()
-    for name in ('| sigma |', '| logistic |', '| beta-VAE (beta=0.1) |'):
-        assert name in table
-    results = json.load(open(out / 'results.json'))
-    assert [r['model'] for r in results] == ['sigma', 'logistic', 'gaussian']
-    assert results[-1]['beta'] == 0.1
-    assert all(np.isfinite(r['fid']) and np.isfinite(r['fid_gmm']) for r in results)
-    assert '| FID N(0, I) | FID GMM |' in table
-    figure = Image.open(out / 'samples.png')  # a row of grids per prior
-    assert figure.width >= 3 * 280 and figure.height > 2 * 280
-    assert Image.open(out / 'bits_per_dim.png').size == (700, 450)
-
-
 def test_active_units_of_a_constructed_encoder():
     vae = train.models.VAE(28, 1, 6, losses.Gaussian())
     head = vae.encoder.get_layer('mu')
@@ -174,20 +156,29 @@ def test_a_beta_of_one_is_the_gaussian_run_not_a_second_one():
         ('beta-VAE (beta=0.1)', 'gaussian', 0.1, 0.1), ('beta-VAE (beta=0.3)', 'gaussian', 0.3, None)]
 
 
-def test_beta_sweep_end_to_end(image_folder, tmp_path):
-    out = tmp_path / 'sweep'
+def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path):
+    out = tmp_path / 'cmp'
     assert compare.main(['--dataset', image_folder, '--output_dir', str(out), '--max_steps', '2',
                          '--batch_size', '8', '--z_dim', '4', '--iw_samples', '2', '--fid_samples', '4',
-                         '--models', 'sigma', '--beta_sweep', '0.1,1']) == 0
+                         '--models', 'sigma,logistic', '--beta_sweep', '0.1,1']) == 0
     results = json.load(open(out / 'results.json'))
-    assert [(r['name'], r['sweep_beta']) for r in results] == [
-        ('sigma', None), ('beta-VAE (beta=0.1)', 0.1), ('beta-VAE (beta=1)', 1.0)]
-    sigma = results[0]
+    assert [(r['name'], r['model'], r['beta'], r['sweep_beta']) for r in results] == [
+        ('sigma', 'sigma', 1.0, None), ('logistic', 'logistic', 1.0, None),
+        ('beta-VAE (beta=0.1)', 'gaussian', 0.1, 0.1), ('beta-VAE (beta=1)', 'gaussian', 1.0, 1.0)]
+    assert all(np.isfinite(r['fid']) and np.isfinite(r['fid_gmm']) for r in results)
+    sigma, logistic = results[:2]
     assert sigma['effective_beta'] == pytest.approx(np.exp(2 * sigma['test_log_sigma']))
-    assert [r['effective_beta'] for r in results[1:]] == [0.1, 1.0]  # sigma = 1: beta itself
+    assert logistic['effective_beta'] is None
+    assert [r['effective_beta'] for r in results[2:]] == [0.1, 1.0]  # sigma = 1: beta itself
     assert all(0 <= r['active_units'] <= 4 for r in results)
-    sweep_table = open(out / 'results.md').read().split('The beta sweep')[1]
+    table, sweep_table = open(out / 'results.md').read().split('The beta sweep')
+    assert '| FID N(0, I) | FID GMM |' in table
+    assert all(f'| {r["name"]} |' in table for r in results)
     rows = [line for line in sweep_table.splitlines() if line.startswith('| ') and 'KL' not in line]
-    assert len(rows) == 3 and sum('beta-VAE' in row for row in rows) == 2
+    assert len(rows) == 4 and sum('beta-VAE' in row for row in rows) == 2
+    assert rows[-1].startswith('| logistic |')  # no effective beta: last
+    figure = Image.open(out / 'samples.png')  # a row of grids per prior
+    assert figure.width >= 4 * 280 and figure.height > 2 * 280
+    assert Image.open(out / 'bits_per_dim.png').size == (700, 450)
     for figure in ('rate_distortion.png', 'fid_vs_beta.png'):
         assert Image.open(out / figure).size == (750, 500)
