@@ -270,14 +270,10 @@ def sweep_figures(out, results, title):
     for i, r in enumerate(others):
         ax.plot(r['test_kl'], r['test_mse'], marker='*', markersize=12, linestyle='none',
                 color=colors[i % 10], label=r['name'])
-    ax.set_xscale('log')
     ax.set_yscale('log')
-    ax.set_xlabel('rate: KL(q(z|x) || p(z)) on the test split (nats per image)')
-    ax.set_ylabel('distortion: test MSE per value (z = μ)')
-    ax.set_title(f'Rate and distortion, {title}')
-    ax.grid(alpha=0.3, which='both')
-    ax.legend(fontsize=8)
-    _save(fig, os.path.join(out, 'rate_distortion.png'))
+    _finish(fig, ax, 'rate: KL(q(z|x) || p(z)) on the test split (nats per image)',
+            'distortion: test MSE per value (z = μ)', f'Rate and distortion, {title}',
+            os.path.join(out, 'rate_distortion.png'))
 
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
     betas = [r['sweep_beta'] for r in sweep]
@@ -297,13 +293,20 @@ def sweep_figures(out, results, title):
                         markerfacecolor='none', linestyle='none')
         else:
             ax.plot([], [], color=color, label=f"{r['name']} (no effective β)")
+    _finish(fig, ax, 'β (KL weight of the σ = 1 decoder); stars: each decoder at its effective β',
+            'FID (lines: N(0, I) solid, GMM dashed)', f'FID against β, {title}',
+            os.path.join(out, 'fid_vs_beta.png'))
+
+
+def _finish(fig, ax, xlabel, ylabel, title, path):
+    """Log-scale x axis, labels, grid and legend; saves the figure."""
     ax.set_xscale('log')
-    ax.set_xlabel('β (KL weight of the σ = 1 decoder); stars: each decoder at its effective β')
-    ax.set_ylabel('FID (lines: N(0, I) solid, GMM dashed)')
-    ax.set_title(f'FID against β, {title}')
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=7)
-    _save(fig, os.path.join(out, 'fid_vs_beta.png'))
+    _save(fig, path)
 
 
 def main(argv=None):
