@@ -16,10 +16,12 @@ python benchmarks/bench_train.py [--repeats 5] [--steps 20] [--cli_repeats 3]
 import argparse
 import json
 import os
+import pty
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,16 +142,34 @@ def bench_steps(args):
 
 
 def run_cli(model, precision, output_dir, name):
-    """One epoch of the real training command; its last metrics row."""
+    """One epoch of the real training command, its progress bar drawn on a terminal (a
+    pseudo-terminal read by a thread) as a user sees it; its last metrics row."""
     argv = [sys.executable, os.path.join(REPO, 'train.py'), '--model', model, '--dataset',
             'fashion_mnist', '--epochs', '1', '--output_dir', output_dir, '--experiment_name', name]
     if precision:
         argv += ['--mixed_precision', precision]
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    terminal, child = pty.openpty()
+    screen = []
+    reader = threading.Thread(target=_read_all, args=(terminal, screen), daemon=True)
+    reader.start()
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=child)
+    os.close(child)
+    reader.join(timeout=5)
     if proc.returncode:
-        raise SystemExit(f'{" ".join(argv)} failed:\n{proc.stderr[-2000:]}')
+        raise SystemExit(f'{" ".join(argv)} failed:\n{b"".join(screen)[-2000:].decode(errors="replace")}')
     with open(os.path.join(output_dir, name, 'metrics.jsonl')) as f:
         return json.loads(f.read().splitlines()[-1])
+
+
+def _read_all(fd, chunks):
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # the terminal's other end closed
+            return
+        if not data:
+            return
+        chunks.append(data)
 
 
 def bench_cli(args):
