@@ -260,7 +260,7 @@ def fit_prior(run_dir, config, vae, state, components=GMM_COMPONENTS, why=None):
     and returns it."""
     path = os.path.join(run_dir, GMM_FILE)
     start = time.time()
-    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    splits = state.splits
     means, _ = encode_images(vae, splits.train, splits.num_train, config)
     encoded = time.time()
     gmm = fit_gmm(means, components, config.seed)
@@ -358,7 +358,7 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
                   export, feature_cache, priors, components):
     start = time.time()
     config, vae, state = train.load_model(run_dir)
-    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    splits = state.splits
     test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
                                  drop_remainder=False, data_range=config.data_range)
     result = {'run': run_dir, 'model': config.model, 'beta': config.beta,

@@ -35,14 +35,13 @@ GRID_COLUMNS = 10  # images per row of a .png grid (5 input-reconstruction pairs
 
 # ---- where the images come from and where they go -------------------------------
 
-def read_images(source, config, n=None):
+def read_images(source, config, state, n=None):
     """uint8 (N, S, S, C) images at the run's size and channels, and their names: the
     files of a folder (or one file), or the run's test split for 'test'; the first n."""
     if source != 'test':
         images, names = data.read_images(source, config.image_size, config.channels)
         return images[:n], names[:n]
-    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
-    test = splits.test.take(n) if n else splits.test
+    test = state.splits.test.take(n) if n else state.splits.test
     # Through the run's resize; on [0, 1] the round trip to uint8 is exact.
     images = np.concatenate([data.to_uint8(b, '0,1') for b in data.make_pipeline(
         test, config.image_size, evaluate.BATCH, drop_remainder=False, data_range='0,1')])
@@ -112,8 +111,8 @@ def sample(args):
 
 
 def reconstruct(args):
-    config, vae, _ = train.load_model(args.run)
-    inputs, names = read_images(args.images, config, args.n)
+    config, vae, state = train.load_model(args.run)
+    inputs, names = read_images(args.images, config, state, args.n)
     kind = output_kind(args.out)
     reconstructions = decode(vae, encode(vae, inputs, config)[0], config)
     pairs = np.concatenate([inputs, reconstructions], axis=2)  # each input left of its own
@@ -168,8 +167,8 @@ def traverse(args):
 
 
 def encode_command(args):
-    config, vae, _ = train.load_model(args.run)
-    images, names = read_images(args.images, config, args.n)
+    config, vae, state = train.load_model(args.run)
+    images, names = read_images(args.images, config, state, args.n)
     output_kind(args.out, ('.npz',))
     mu, log_var = encode(vae, images, config)
     write_output(args.out, '.npz', None, 0, mu=mu, log_var=log_var, names=np.array(names))

@@ -126,3 +126,28 @@ class VAE(keras.Model):
     def reconstruct(self, x):
         """x (B, S, S, C) -> the decoder mean at z = mu, in evaluation mode."""
         return self.decode(self.encoder(x, training=False)[0])
+
+
+def recompute_batch_norm(vae, batches, seed=0):
+    """Precise BN (Wu and Johnson 2021, "Rethinking 'Batch' in BatchNorm"): sets the moving mean
+    and variance of every batch norm layer to their averages over `batches` (B, S, S, C) of
+    training images under the current weights, z sampled as in training.
+
+    The moving averages that training keeps (decay 0.999, the original's) describe the weights
+    of the last ~1000 steps, not the final ones; evaluation with them can be far off (see
+    README). Each layer reads `momentum` when it is called, so momentum k / (k + 1) on the k-th
+    batch (from 0) makes its update the running average of the batches' statistics.
+    """
+    norms = [layer for model in (vae.encoder, vae.decoder) for layer in model.layers
+             if isinstance(layer, layers.BatchNormalization)]
+    momentum = [layer.momentum for layer in norms]
+    try:
+        for k, x in enumerate(batches):
+            for layer in norms:
+                layer.momentum = k / (k + 1)
+            vae(x, tf.random.stateless_normal((tf.shape(x)[0], vae.z_dim), seed=[seed, k]),
+                training=True)
+    finally:
+        for layer, m in zip(norms, momentum):
+            layer.momentum = m
+

@@ -46,6 +46,7 @@ POLICIES = {None: 'float32', 'float16': 'mixed_float16', 'bfloat16': 'mixed_bflo
 PRECISIONS = ('float16', 'bfloat16')
 NUM_SAMPLES = 100  # a 10x10 grid of prior samples
 NUM_RECONSTRUCTIONS = 50  # test images, shown beside their reconstructions in a 10x10 grid
+BN_BATCHES = 200  # training batches over which load_model recomputes batch norm's statistics
 REFRESH_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
 # The metrics of training and test alike (Evaluator.summarize): per-image means.
 METRICS = ('loss', 'rec', 'kl', 'neg_elbo', 'bits_per_dim', 'log_sigma')
@@ -395,11 +396,16 @@ class CheckpointFolder:
         self.recorded = kept
 
 
-def load_model(run_dir):
+def load_model(run_dir, batch_norm=True):
     """(config, vae, state) of a trained run, restored from its newest checkpoint that restores
     (a damaged newer one is skipped, and said so), for evaluation or generation: no optimizer,
-    no training machinery. state holds the checkpoint's path, step, train_seconds and the fixed
-    prior z of its sample grids."""
+    no training machinery. state holds the checkpoint's path, step, train_seconds, the fixed
+    prior z of its sample grids and the run's data (splits).
+
+    batch_norm: recompute batch norm's statistics under the restored weights over BN_BATCHES
+    training batches (models.recompute_batch_norm) instead of using the checkpoint's moving
+    averages, which lag the weights; False keeps the checkpoint's as they are.
+    """
     config = read_config(run_dir)
     if config.channels is None:
         raise UsageError(f'{run_dir} was written by an older version of train.py (config.json '
@@ -418,6 +424,11 @@ def load_model(run_dir):
     if not state.path:
         raise UsageError(f'{run_dir} has no checkpoint' if not skipped else no_checkpoint_restores(
             folder.directory, skipped, 'fix or restore the files'))
+    state.splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    if batch_norm:
+        models.recompute_batch_norm(vae, data.make_pipeline(
+            state.splits.train, config.image_size, config.batch_size, shuffle_seed=config.seed,
+            data_range=config.data_range).take(BN_BATCHES), config.seed)
     return config, vae, state
 
 
@@ -646,7 +657,16 @@ class Trainer:
         return self.manager
 
     def _restore_from(self, path):
-        self.checkpoint.restore(path).assert_existing_objects_matched()
+        # A checkpoint written before the epoch's training sums were kept in it (this project's
+        # main, briefly) restores with them at zero: they only average the training metrics of
+        # the epoch's row.
+        self.reset_train_means()
+        keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+        state = self.checkpoint if 'train_sums/.ATTRIBUTES/VARIABLE_VALUE' in keys else \
+            tf.train.Checkpoint(vae=self.vae, optimizer=self.optimizer, step=self.step,
+                                epoch=self.epoch, train_seconds=self.train_seconds,
+                                prior_z=self.prior_z)
+        state.restore(path).assert_existing_objects_matched()
 
     def restore(self):
         """Restores the newest checkpoint that restores completely; returns its path, or None

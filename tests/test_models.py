@@ -55,3 +55,21 @@ def test_zero_one_range_uses_a_sigmoid_output():
     x_hat = vae.decode(tf.random.normal((64, 3)) * 10).numpy()
     assert x_hat.min() >= 0.0 and x_hat.max() <= 1.0 and x_hat.min() < 0.5
     assert vae.decoder.layers[-1].activation.__name__ == 'sigmoid'
+
+
+def test_recompute_batch_norm_averages_the_batch_statistics_under_the_current_weights():
+    vae = models.VAE(28, 1, 3, losses.Gaussian())
+    rng = np.random.default_rng(0)
+    batches = [tf.constant(rng.uniform(-1, 1, (16, 28, 28, 1)), tf.float32) for _ in range(3)]
+    conv, norm = vae.encoder.layers[1], vae.encoder.layers[2]
+    assert isinstance(norm, tf.keras.layers.BatchNormalization)
+    # The statistics of the first batch norm's inputs, batch by batch, in NumPy.
+    inputs = [conv(x).numpy().astype(np.float64) for x in batches]
+    mean = np.mean([a.mean(axis=(0, 1, 2)) for a in inputs], axis=0)
+    variance = np.mean([a.var(axis=(0, 1, 2)) for a in inputs], axis=0)
+    decoder_norm = [l for l in vae.decoder.layers if isinstance(l, tf.keras.layers.BatchNormalization)][0]
+    models.recompute_batch_norm(vae, batches)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), variance, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(decoder_norm.moving_variance.numpy(), 1.0)  # the decoder's too
+    assert norm.momentum == decoder_norm.momentum == models.BN_MOMENTUM  # restored
