@@ -18,15 +18,17 @@ import os
 import sys
 import time
 
-import numpy as np
-from PIL import Image, ImageDraw
+import utils  # first: TensorFlow starts quietly
+utils.quiet_tensorflow()
 
-import data
-import evaluate
-import losses
-import train
-import utils
-from utils import UsageError
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import losses  # noqa: E402
+import train  # noqa: E402
+from utils import UsageError  # noqa: E402
 
 COLUMNS = [  # (header, key in the evaluation, format)
     ('model', 'name', '{}'), ('-ELBO (nats)', 'test_neg_elbo', '{:.1f}'),
