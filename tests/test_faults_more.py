@@ -4,6 +4,8 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -18,7 +20,7 @@ import evaluate
 import train
 import utils
 from conftest import TINY, run
-from test_faults import checkpoint_tensors, make_images, start, strict_rows, wait_for
+from test_faults import REPO, checkpoint_tensors, make_images, start, strict_rows, wait_for
 
 
 def args_of(image_folder, output_dir, name='r', *more):
@@ -479,3 +481,18 @@ def test_files_get_the_permissions_of_the_umask(image_folder, trained, tmp_path)
     for path in [run_dir / 'config.json', run_dir / 'metrics.jsonl', run_dir / 'lock',
                  run_dir / 'images' / 'samples_00000007.png', tmp_path / 'evaluation.json']:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+def test_every_command_starts_quietly_and_errs_in_one_line(tmp_path):
+    # In a fresh process, as a user runs them: TensorFlow's start-up banners would come first.
+    commands = {'train.py': ['--epochs', '0'], 'evaluate.py': ['--run', str(tmp_path / 'none')],
+                'compare.py': ['--models', 'vq'], 'generate.py': ['sample', '--run', str(tmp_path),
+                                                                  '--n', '0', '--out', 'x.png']}
+    env = {k: v for k, v in os.environ.items() if k not in ('SIGMA_VAE_VERBOSE', 'TF_CPP_MIN_LOG_LEVEL')}
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(REPO, name)] + argv, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, argv in commands.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and out == '', (name, out)
+        assert len(err.splitlines()) == 1 and err.startswith(name), (name, err)
