@@ -227,10 +227,9 @@ def write_outputs(args, results):
     normal, gmm, curves = [], [], []
     for r in results:
         run_dir = r['run']
-        normal.append((f"{r['name']}, N(0,I)",
-                       os.path.join(run_dir, 'images', f"samples_{r['step']:08d}.png")))
-        gmm.append((f"{r['name']}, GMM",
-                    os.path.join(run_dir, 'images', f"samples_gmm_{r['step']:08d}.png")))
+        grid = os.path.join(run_dir, 'images', evaluate.EVALUATED + '{}_' + f"{r['step']:08d}.png")
+        normal.append((f"{r['name']}, N(0,I)", grid.format(evaluate.PRIORS['normal'])))
+        gmm.append((f"{r['name']}, GMM", grid.format(evaluate.PRIORS['gmm'])))
         rows = [row for row in utils.read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
                 if 'test_bits_per_dim' in row]
         curves.append((r['name'], [row['step'] for row in rows],

@@ -38,6 +38,7 @@ INCEPTION_SIZE = 299
 # N(0, I), or the Gaussian mixture fitted to the encoder means (prior_gmm.npz), and the
 # suffix of their FID keys and exported files.
 PRIORS = {'normal': '', 'gmm': '_gmm'}
+EVALUATED = 'evaluated_samples'  # images/<this><prior suffix>_<step>.png: a grid of each prior's samples
 GMM_FILE = 'prior_gmm.npz'
 GMM_COMPONENTS = 10
 BATCH = 500  # images per encoder or decoder call
@@ -388,9 +389,10 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
         samples[prior] = prior_samples(vae, config, n, config.seed, gmm)
         if gmm is not None:
             result['gmm_components'] = int(gmm['components'])
-            # The mixture's 10x10 grid beside the training's N(0, I) grids (compare.py shows both).
-            utils.save_png(os.path.join(run_dir, 'images', f"samples_gmm_{result['step']:08d}.png"),
-                           utils.image_grid(samples[prior][:train.NUM_SAMPLES], 10, 10))
+        # A 10x10 grid of what the FID sees (the grids training writes use its moving batch norm
+        # statistics); compare.py shows them.
+        utils.save_png(os.path.join(run_dir, 'images', f"{EVALUATED}{PRIORS[prior]}_{result['step']:08d}.png"),
+                       utils.image_grid(samples[prior][:train.NUM_SAMPLES], 10, 10))
         if export:
             result['export' + PRIORS[prior]] = export_samples(
                 run_dir, samples[prior], config.data_range, 'samples' + PRIORS[prior])

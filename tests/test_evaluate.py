@@ -102,8 +102,12 @@ def test_evaluate_cli_writes_json_and_exports_samples(trained_run, capsys):
         for i, image in enumerate(images):
             png = np.asarray(Image.open(os.path.join(trained_run, name + '_png', f'{i:06d}.png')))
             np.testing.assert_array_equal(png, image[..., 0])
-    grid = np.asarray(Image.open(os.path.join(trained_run, 'images', 'samples_gmm_00000003.png')))
-    assert grid.shape == (280, 280) and not grid[28:].any()  # 4 samples in the first row
+    for name in ('evaluated_samples', 'evaluated_samples_gmm'):  # what each FID saw
+        grid = np.asarray(Image.open(os.path.join(trained_run, 'images', name + '_00000003.png')))
+        assert grid.shape == (280, 280) and not grid[28:].any()  # 4 samples in the first row
+        exported = np.load(os.path.join(trained_run, name[10:] + '.npz'))['images']
+        np.testing.assert_array_equal(grid[:28].reshape(28, 10, 28)[:, :4].transpose(1, 0, 2),
+                                      exported[..., 0])
 
     # One prior alone; the mixture is not fitted again (it belongs to this checkpoint).
     assert evaluate.main(['--run', trained_run, '--iw_samples', '2', '--fid_samples', '4',
