@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -227,7 +226,7 @@ def check_resume(config):
     """Refuses (UsageError) to resume a run folder's checkpoints with another value of a
     MODEL_KEY, or when its config.json is damaged. Reads only."""
     path = os.path.join(config.run_dir, 'config.json')
-    if not os.path.exists(path) or not CheckpointFolder(checkpoint_dir(config.run_dir)).any():
+    if not os.path.exists(path) or not utils.CheckpointFolder(checkpoint_dir(config.run_dir)).any():
         return
     saved = read_config_file(path)
     for key in MODEL_KEYS:
@@ -254,148 +253,6 @@ def checkpoint_dir(run_dir):
     return os.path.join(run_dir, 'checkpoints')
 
 
-STATE_FILE = 'checkpoint'  # TensorFlow's checkpoint state file: the latest and the kept ones
-DAMAGED = 'damaged'  # subfolder of checkpoints/ where checkpoints that do not restore are set aside
-_STATE_LINE = re.compile(r'(model_checkpoint_path|all_model_checkpoint_paths|'
-                         r'all_model_checkpoint_timestamps|last_preserved_timestamp): (".*"|[-+.\deE]+)')
-_CHECKPOINT_FILE = re.compile(r'ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})')
-
-
-def _is_tf_temporary(name):
-    """What TensorFlow's savers write before renaming: ckpt-N_temp/ (the shards),
-    checkpoint.tmp<hex> (the state file) and *.tempstate<n> (bundle files)."""
-    return (re.fullmatch(r'ckpt-\d+_temp', name) is not None or name.startswith(STATE_FILE + '.tmp')
-            or '.tempstate' in name)
-
-
-def _reason(error):
-    """The first line of an exception's message, without TensorFlow's node prefix."""
-    text = re.sub(r'\{\{[^}]*\}\}\s*', '', str(error)).strip()
-    text = text.splitlines()[0] if text else ''
-    return f'{type(error).__name__}: {text[:200]}' if text else type(error).__name__
-
-
-class CheckpointFolder:
-    """The checkpoints of a run as files, read without trusting TensorFlow's state file.
-
-    A checkpoint ckpt-N is its files ckpt-N.index and ckpt-N.data-*. The candidates to resume
-    from are those that the state file names and those that have an index (the state file
-    may be damaged, or behind after a kill between a save and its update). Data files without
-    an index that the state file does not name are the remains of an interrupted save.
-    """
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.files, self.temporaries = {}, []
-        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-        for name in names:
-            match = _CHECKPOINT_FILE.fullmatch(name)
-            if match:
-                self.files.setdefault(int(match[1]), []).append(name)
-            elif _is_tf_temporary(name):
-                self.temporaries.append(name)
-        self.state_exists = STATE_FILE in names
-        self.recorded = self._read_state() if self.state_exists else []  # None: damaged
-        self.complete = sorted(n for n, files in self.files.items() if f'ckpt-{n}.index' in files)
-        recorded = self.recorded or []
-        self.interrupted = ([n for n in self.files if n not in self.complete and n not in recorded]
-                            if self.recorded is not None else [])
-        self.candidates = sorted(set(recorded) | (set(self.files) - set(self.interrupted)),
-                                 reverse=True)
-
-    def _read_state(self):
-        """The checkpoint numbers that the state file names, or None if it is damaged."""
-        try:
-            with open(os.path.join(self.directory, STATE_FILE), encoding='utf-8') as f:
-                lines = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError):
-            return None
-        numbers = []
-        for line in lines:
-            match = _STATE_LINE.fullmatch(line)
-            if not match:
-                return None
-            if match[2].startswith('"'):
-                name = re.fullmatch(r'"(?:.*/)?ckpt-(\d+)"', match[2])
-                if not name:
-                    return None
-                numbers.append(int(name[1]))
-        return sorted(set(numbers)) or None
-
-    def any(self):
-        """Whether the folder holds a checkpoint or its state file."""
-        return bool(self.files) or self.state_exists
-
-    def path(self, number):
-        return os.path.join(self.directory, f'ckpt-{number}')
-
-    def find(self, restore):
-        """(path, skipped): the newest candidate that restore(path) restores without raising,
-        or None, and the (path, reason) of the newer ones that did not."""
-        skipped = []
-        for number in self.candidates:
-            path = self.path(number)
-            if f'ckpt-{number}.index' not in self.files.get(number, []):
-                reason = ('its files are missing' if number not in self.files
-                          else f'ckpt-{number}.index is missing')
-            else:
-                try:
-                    restore(path)
-                    return path, skipped
-                except Exception as e:  # NotFound, DataLoss, OutOfRange, a mismatch, ...
-                    reason = _reason(e)
-            skipped.append((path, reason))
-        return None, skipped
-
-    def remove_temporaries(self):
-        """Deletes TensorFlow's temporaries and the files of interrupted saves."""
-        for name in self.temporaries:
-            path = os.path.join(self.directory, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.exists(path):
-                os.remove(path)
-        for number in self.interrupted:
-            for name in self.files.pop(number):
-                os.remove(os.path.join(self.directory, name))
-        self.temporaries, self.interrupted = [], []
-
-    def set_aside(self, numbers):
-        """Moves the files of these checkpoints into checkpoints/damaged/; returns that folder."""
-        damaged = os.path.join(self.directory, DAMAGED)
-        os.makedirs(damaged, exist_ok=True)
-        for number in numbers:
-            for name in self.files.pop(number, []):
-                target, i = os.path.join(damaged, name), 1
-                while os.path.exists(target):
-                    target, i = os.path.join(damaged, f'{name}.{i}'), i + 1
-                os.replace(os.path.join(self.directory, name), target)
-            if number in self.complete:
-                self.complete.remove(number)
-        return damaged
-
-    def write_state(self, number):
-        """Makes the state file name ckpt-<number> as the latest and the complete checkpoints
-        before it as kept (so that the CheckpointManager rotates them out); removes the state
-        file when number is None."""
-        path = os.path.join(self.directory, STATE_FILE)
-        if number is None:
-            if os.path.exists(path):
-                os.remove(path)
-            return
-        kept = [n for n in self.complete if n <= number]
-        if self.recorded == kept and kept and kept[-1] == number:
-            return
-        # The manager rotates out only checkpoints younger than last_preserved_timestamp.
-        now = time.time()
-        times = [min(os.path.getmtime(self.path(n) + '.index'), now) for n in kept]
-        utils.write_text(path, f'model_checkpoint_path: "ckpt-{number}"\n' + ''.join(
-            f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept) + ''.join(
-            f'all_model_checkpoint_timestamps: {t!r}\n' for t in times)
-            + f'last_preserved_timestamp: {min(times) - 1.0!r}\n')
-        self.recorded = kept
-
-
 def load_model(run_dir, batch_norm=True):
     """(config, vae, state) of a trained run, restored from its newest checkpoint that restores
     (a damaged newer one is skipped, and said so), for evaluation or generation: no optimizer,
@@ -416,7 +273,7 @@ def load_model(run_dir, batch_norm=True):
         prior_z=tf.Variable(tf.zeros((NUM_SAMPLES, config.z_dim))))
     checkpoint = tf.train.Checkpoint(vae=vae, step=state.step, train_seconds=state.train_seconds,
                                      prior_z=state.prior_z)
-    folder = CheckpointFolder(checkpoint_dir(run_dir))
+    folder = utils.CheckpointFolder(checkpoint_dir(run_dir))
     state.path, skipped = folder.find(
         lambda path: checkpoint.restore(path).expect_partial().assert_existing_objects_matched())
     for path, reason in skipped:
@@ -444,65 +301,6 @@ class RunFailed(UsageError):
 
 class Diverged(RunFailed):
     """The loss or the weights went non-finite (exit status 1)."""
-
-
-class Interrupted(BaseException):
-    """SIGINT (Ctrl-C) or SIGTERM; `status` is the exit status, 128 + the signal: 130, 143.
-
-    A BaseException, as KeyboardInterrupt, so that no `except Exception` (Keras wraps the
-    exceptions of layer calls) swallows or rewrites it."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum, self.status = signum, 128 + signum
-
-    def __str__(self):
-        return signal.Signals(self.signum).name
-
-
-class Interrupts:
-    """While active (a context manager), SIGINT and SIGTERM raise Interrupted in the main thread,
-    except inside `held()` blocks (a checkpoint being written), where the signal is only noted
-    and raised when the block ends. Once Interrupted has been raised, further signals are
-    ignored, so that the interrupt's own checkpoint is written whole."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum = None  # the first signal received
-        self.holding = 0
-        self.raised = False
-        self.previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous:
-            for s, handler in self.previous.items():
-                signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-        if not self.holding and not self.raised:
-            self._raise()
-
-    def _raise(self):
-        self.raised = True
-        raise Interrupted(self.signum)
-
-    @contextlib.contextmanager
-    def held(self):
-        self.holding += 1
-        try:
-            yield
-        finally:
-            self.holding -= 1
-        if not self.holding and self.signum is not None and not self.raised:
-            self._raise()
 
 
 def all_finite(variables):
@@ -679,12 +477,12 @@ class Trainer:
         TensorFlow's temporaries and the remains of interrupted saves. The learning rate is
         the one given now, not the saved one.
         """
-        folder = CheckpointFolder(self.checkpoint_dir)
+        folder = utils.CheckpointFolder(self.checkpoint_dir)
         path, skipped = folder.find(self._restore_from)
         if skipped and not path and not self.config.restart:
             raise UsageError(no_checkpoint_restores(
                 self.checkpoint_dir, skipped, f'start over with --restart (damaged files are kept in '
-                f'{os.path.join(self.checkpoint_dir, DAMAGED)}/), or delete the run folder'))
+                f'{os.path.join(self.checkpoint_dir, utils.DAMAGED)}/), or delete the run folder'))
         if self.chief:
             folder.remove_temporaries()
             for skipped_path, reason in skipped:
@@ -720,8 +518,8 @@ class Trainer:
             path = self._manager().save(checkpoint_number=self.step)
         except (tf.errors.OpError, OSError) as e:
             if self.chief:
-                CheckpointFolder(self.checkpoint_dir).remove_temporaries()
-            raise RunFailed(f'cannot write the checkpoint of step {step} ({_reason(e)}); '
+                utils.CheckpointFolder(self.checkpoint_dir).remove_temporaries()
+            raise RunFailed(f'cannot write the checkpoint of step {step} ({utils.error_reason(e)}); '
                             + self.last_checkpoint()) from None
         self.saved_step = step
         if not self.chief:
@@ -854,7 +652,7 @@ def make_trainer(config, strategy):
         return Trainer(config, strategy)
     except (tf.errors.ResourceExhaustedError, MemoryError) as e:
         raise UsageError(f'the model of --z_dim {config.z_dim} does not fit in memory '
-                         f'({_reason(e)[:120]}); use a smaller --z_dim') from None
+                         f'({utils.error_reason(e)[:120]}); use a smaller --z_dim') from None
 
 
 def _train(config, strategy):
@@ -880,10 +678,10 @@ def _train(config, strategy):
                 utils.remove_temporary_files(config.run_dir)
             except OSError as e:
                 raise UsageError(f'cannot write to {config.run_dir}: {e.strerror}') from None
-        interrupts = stack.enter_context(Interrupts())
+        interrupts = stack.enter_context(utils.Interrupts())
         try:
             return _run(config, strategy, trainer, splits, steps_per_epoch, interrupts)
-        except Interrupted as e:  # before the loop, or after its own handling
+        except utils.Interrupted as e:  # before the loop, or after its own handling
             print(f'\ninterrupted ({e}) at step {int(trainer.step.numpy())}; '
                   f'{trainer.last_checkpoint()}', file=sys.stderr)
             raise SystemExit(e.status) from None
@@ -996,7 +794,7 @@ def _run(config, strategy, trainer, splits, steps_per_epoch, interrupts):
                         else:
                             trainer.save()
                     clock.start()
-    except Interrupted as e:
+    except utils.Interrupted as e:
         clock.stop()  # the time since the last checkpoint counts too
         if bar is not None:
             bar.close()
@@ -1006,7 +804,7 @@ def _run(config, strategy, trainer, splits, steps_per_epoch, interrupts):
                   f'the last checkpoint is {tf.train.latest_checkpoint(trainer.checkpoint_dir)}',
                   file=sys.stderr)
         else:
-            # Further signals are ignored until this save is complete (Interrupts).
+            # Further signals are ignored until this save is complete (utils.Interrupts).
             if trainer.saved_step != step:
                 trainer.epoch.assign(step // steps_per_epoch)
                 trainer.save()
@@ -1085,7 +883,7 @@ def ignore_interrupts():
     """On the way out after an interrupt: a further Ctrl-C or SIGTERM (while TensorFlow shuts
     down) must not turn the exit into a traceback and status -2."""
     if threading.current_thread() is threading.main_thread():
-        for s in Interrupts.SIGNALS:
+        for s in utils.Interrupts.SIGNALS:
             signal.signal(s, signal.SIG_IGN)
 
 

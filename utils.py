@@ -11,9 +11,12 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
+import time
 import unicodedata
 import uuid
 
@@ -40,7 +43,7 @@ def quiet_tensorflow():
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import tensorflow  # noqa: F401
+        import tensorflow  # noqa: F401  (its import is the point)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -330,3 +333,206 @@ class FolderLock:
         if self.fd is not None:
             os.close(self.fd)  # releases the lock; the file stays (deleting it would race)
             self.fd = None
+
+
+# ---- the checkpoints of a run folder, and interrupts held off while they are written ----
+
+STATE_FILE = 'checkpoint'  # TensorFlow's checkpoint state file: the latest and the kept ones
+DAMAGED = 'damaged'  # subfolder of checkpoints/ where checkpoints that do not restore are set aside
+_STATE_LINE = re.compile(r'(model_checkpoint_path|all_model_checkpoint_paths|'
+                         r'all_model_checkpoint_timestamps|last_preserved_timestamp): (".*"|[-+.\deE]+)')
+_CHECKPOINT_FILE = re.compile(r'ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})')
+
+
+def _is_tf_temporary(name):
+    """What TensorFlow's savers write before renaming: ckpt-N_temp/ (the shards),
+    checkpoint.tmp<hex> (the state file) and *.tempstate<n> (bundle files)."""
+    return (re.fullmatch(r'ckpt-\d+_temp', name) is not None or name.startswith(STATE_FILE + '.tmp')
+            or '.tempstate' in name)
+
+
+def error_reason(error):
+    """The first line of an exception's message, without TensorFlow's node prefix."""
+    text = re.sub(r'\{\{[^}]*\}\}\s*', '', str(error)).strip()
+    text = text.splitlines()[0] if text else ''
+    return f'{type(error).__name__}: {text[:200]}' if text else type(error).__name__
+
+
+class CheckpointFolder:
+    """The checkpoints of a run as files, read without trusting TensorFlow's state file.
+
+    A checkpoint ckpt-N is its files ckpt-N.index and ckpt-N.data-*. The candidates to resume
+    from are those that the state file names and those that have an index (the state file
+    may be damaged, or behind after a kill between a save and its update). Data files without
+    an index that the state file does not name are the remains of an interrupted save.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.files, self.temporaries = {}, []
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        for name in names:
+            match = _CHECKPOINT_FILE.fullmatch(name)
+            if match:
+                self.files.setdefault(int(match[1]), []).append(name)
+            elif _is_tf_temporary(name):
+                self.temporaries.append(name)
+        self.state_exists = STATE_FILE in names
+        self.recorded = self._read_state() if self.state_exists else []  # None: damaged
+        self.complete = sorted(n for n, files in self.files.items() if f'ckpt-{n}.index' in files)
+        recorded = self.recorded or []
+        self.interrupted = ([n for n in self.files if n not in self.complete and n not in recorded]
+                            if self.recorded is not None else [])
+        self.candidates = sorted(set(recorded) | (set(self.files) - set(self.interrupted)),
+                                 reverse=True)
+
+    def _read_state(self):
+        """The checkpoint numbers that the state file names, or None if it is damaged."""
+        try:
+            with open(os.path.join(self.directory, STATE_FILE), encoding='utf-8') as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError):
+            return None
+        numbers = []
+        for line in lines:
+            match = _STATE_LINE.fullmatch(line)
+            if not match:
+                return None
+            if match[2].startswith('"'):
+                name = re.fullmatch(r'"(?:.*/)?ckpt-(\d+)"', match[2])
+                if not name:
+                    return None
+                numbers.append(int(name[1]))
+        return sorted(set(numbers)) or None
+
+    def any(self):
+        """Whether the folder holds a checkpoint or its state file."""
+        return bool(self.files) or self.state_exists
+
+    def path(self, number):
+        return os.path.join(self.directory, f'ckpt-{number}')
+
+    def find(self, restore):
+        """(path, skipped): the newest candidate that restore(path) restores without raising,
+        or None, and the (path, reason) of the newer ones that did not."""
+        skipped = []
+        for number in self.candidates:
+            path = self.path(number)
+            if f'ckpt-{number}.index' not in self.files.get(number, []):
+                reason = ('its files are missing' if number not in self.files
+                          else f'ckpt-{number}.index is missing')
+            else:
+                try:
+                    restore(path)
+                    return path, skipped
+                except Exception as e:  # NotFound, DataLoss, OutOfRange, a mismatch, ...
+                    reason = error_reason(e)
+            skipped.append((path, reason))
+        return None, skipped
+
+    def remove_temporaries(self):
+        """Deletes TensorFlow's temporaries and the files of interrupted saves."""
+        for name in self.temporaries:
+            path = os.path.join(self.directory, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+        for number in self.interrupted:
+            for name in self.files.pop(number):
+                os.remove(os.path.join(self.directory, name))
+        self.temporaries, self.interrupted = [], []
+
+    def set_aside(self, numbers):
+        """Moves the files of these checkpoints into checkpoints/damaged/; returns that folder."""
+        damaged = os.path.join(self.directory, DAMAGED)
+        os.makedirs(damaged, exist_ok=True)
+        for number in numbers:
+            for name in self.files.pop(number, []):
+                target, i = os.path.join(damaged, name), 1
+                while os.path.exists(target):
+                    target, i = os.path.join(damaged, f'{name}.{i}'), i + 1
+                os.replace(os.path.join(self.directory, name), target)
+            if number in self.complete:
+                self.complete.remove(number)
+        return damaged
+
+    def write_state(self, number):
+        """Makes the state file name ckpt-<number> as the latest and the complete checkpoints
+        before it as kept (so that the CheckpointManager rotates them out); removes the state
+        file when number is None."""
+        path = os.path.join(self.directory, STATE_FILE)
+        if number is None:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        kept = [n for n in self.complete if n <= number]
+        if self.recorded == kept and kept and kept[-1] == number:
+            return
+        # The manager rotates out only checkpoints younger than last_preserved_timestamp.
+        now = time.time()
+        times = [min(os.path.getmtime(self.path(n) + '.index'), now) for n in kept]
+        write_text(path, f'model_checkpoint_path: "ckpt-{number}"\n' + ''.join(
+            f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept) + ''.join(
+            f'all_model_checkpoint_timestamps: {t!r}\n' for t in times)
+            + f'last_preserved_timestamp: {min(times) - 1.0!r}\n')
+        self.recorded = kept
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM; `status` is the exit status, 128 + the signal: 130, 143.
+
+    A BaseException, as KeyboardInterrupt, so that no `except Exception` (Keras wraps the
+    exceptions of layer calls) swallows or rewrites it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum, self.status = signum, 128 + signum
+
+    def __str__(self):
+        return signal.Signals(self.signum).name
+
+
+class Interrupts:
+    """While active (a context manager), SIGINT and SIGTERM raise Interrupted in the main thread,
+    except inside `held()` blocks (a checkpoint being written), where the signal is only noted
+    and raised when the block ends. Once Interrupted has been raised, further signals are
+    ignored, so that the interrupt's own checkpoint is written whole."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None  # the first signal received
+        self.holding = 0
+        self.raised = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+        if not self.holding and not self.raised:
+            self._raise()
+
+    def _raise(self):
+        self.raised = True
+        raise Interrupted(self.signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+        if not self.holding and self.signum is not None and not self.raised:
+            self._raise()
