@@ -193,10 +193,15 @@ def compare(args):
         print(f'[{i + 1}/{len(plan)}] {label}: training {budget} '
               f'({done / 60:.1f} min elapsed{left})', flush=True)
         train.train(config)
-        print(f'[{i + 1}/{len(plan)}] {label}: evaluating', flush=True)
-        result = evaluate.evaluate_run(config.run_dir, args.iw_samples, args.iw_images,
-                                       args.fid_samples, args.features,
-                                       components=args.components)
+        result = previous_evaluation(config.run_dir, args)
+        if result is None:
+            print(f'[{i + 1}/{len(plan)}] {label}: evaluating', flush=True)
+            result = evaluate.evaluate_run(config.run_dir, args.iw_samples, args.iw_images,
+                                           args.fid_samples, args.features,
+                                           components=args.components)
+        else:
+            print(f'[{i + 1}/{len(plan)}] {label}: evaluation.json is of the last checkpoint '
+                  f'(step {result["step"]}) with these settings: kept', flush=True)
         result['fid'] = result.get(f'fid_{args.features}')
         result['fid_gmm'] = result.get(f'fid_{args.features}_gmm')
         results.append({'name': label, 'sweep_beta': sweep_beta, **result})
@@ -205,6 +210,24 @@ def compare(args):
     print(f'compared {len(plan)} runs in {(time.time() - start) / 60:.1f} min; '
           f'results in {args.output_dir}/results.md')
     return results
+
+
+def previous_evaluation(run_dir, args):
+    """The run's evaluation.json if it evaluated the newest checkpoint with the settings asked
+    for now (so that a comparison resumed after an interruption does not evaluate again), else
+    None."""
+    try:
+        with open(os.path.join(run_dir, 'evaluation.json')) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+    complete = utils.CheckpointFolder(os.path.join(run_dir, 'checkpoints')).complete
+    settings = evaluate.evaluation_settings(args.iw_samples, args.iw_images, args.fid_samples,
+                                            args.features, evaluate.PRIORS, args.components)
+    if not isinstance(result, dict) or result.get('settings') != settings or \
+            result.get('step') != (complete[-1] if complete else None):
+        return None
+    return result
 
 
 def write_outputs(args, results):

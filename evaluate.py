@@ -355,6 +355,13 @@ def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, fe
                              inception_weights, export, feature_cache, priors, components)
 
 
+def evaluation_settings(iw_samples, iw_images, fid_samples, features, priors, components):
+    """What an evaluation was asked for, as recorded in evaluation.json (compare.py reuses an
+    evaluation of the same step with the same settings)."""
+    return {'iw_samples': iw_samples, 'iw_images': iw_images, 'fid_samples': fid_samples,
+            'features': features, 'priors': sorted(priors), 'components': components}
+
+
 def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, inception_weights,
                   export, feature_cache, priors, components):
     start = time.time()
@@ -364,7 +371,9 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
                                  drop_remainder=False, data_range=config.data_range)
     result = {'run': run_dir, 'model': config.model, 'beta': config.beta,
               'data_range': config.data_range, 'step': int(state.step.numpy()),
-              'train_seconds': round(float(state.train_seconds.numpy()), 1)}
+              'train_seconds': round(float(state.train_seconds.numpy()), 1),
+              'settings': evaluation_settings(iw_samples, iw_images, fid_samples, features,
+                                              priors, components)}
     evaluator = train.Evaluator(vae, config)
     result.update(evaluator(test_ds))
     nll, discrete, seen = importance_weighted_nll(vae, test_ds, iw_samples, iw_images, config.seed)

@@ -160,11 +160,12 @@ def test_a_beta_of_one_is_the_gaussian_run_not_a_second_one():
         ('beta-VAE (beta=0.1)', 'gaussian', 0.1, 0.1), ('beta-VAE (beta=0.3)', 'gaussian', 0.3, None)]
 
 
-def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path):
+def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path, capsys):
     out = tmp_path / 'cmp'
-    assert compare.main(['--dataset', image_folder, '--output_dir', str(out), '--max_steps', '2',
-                         '--batch_size', '8', '--z_dim', '4', '--iw_samples', '2', '--fid_samples', '4',
-                         '--models', 'sigma,logistic', '--beta_sweep', '0.1,1']) == 0
+    args = ['--dataset', image_folder, '--output_dir', str(out), '--max_steps', '2',
+            '--batch_size', '8', '--z_dim', '4', '--iw_samples', '2', '--fid_samples', '4',
+            '--models', 'sigma,logistic', '--beta_sweep', '0.1,1']
+    assert compare.main(args) == 0
     results = json.load(open(out / 'results.json'))
     assert [(r['name'], r['model'], r['beta'], r['sweep_beta']) for r in results] == [
         ('sigma', 'sigma', 1.0, None), ('logistic', 'logistic', 1.0, None),
@@ -186,3 +187,13 @@ def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path):
     assert Image.open(out / 'bits_per_dim.png').size == (700, 450)
     for figure in ('rate_distortion.png', 'fid_vs_beta.png'):
         assert Image.open(out / figure).size == (750, 500)
+
+    # Run again (as after an interruption): every evaluation of the same checkpoint with the
+    # same settings is kept; another setting evaluates again.
+    capsys.readouterr()
+    assert compare.main(args) == 0
+    assert capsys.readouterr().out.count('with these settings: kept') == 4
+    assert json.load(open(out / 'results.json')) == results
+    assert compare.main(args[:-4] + ['--models', 'sigma', '--iw_samples', '3']) == 0
+    assert '[1/1] sigma: evaluating' in capsys.readouterr().out
+    assert json.load(open(out / 'sigma' / 'evaluation.json'))['iw_samples'] == 3
