@@ -184,16 +184,17 @@ def compare(args):
     except OSError as e:
         raise UsageError(f'cannot write to {args.output_dir}: {e.strerror}') from None
     plan = runs(args)
-    results, start = [], time.time()
+    results, start, worked = [], time.time(), 0  # worked: runs evaluated here (not kept)
     for i, (label, config, sweep_beta) in enumerate(plan):
         done = time.time() - start
-        left = f', about {done / i * (len(plan) - i) / 60:.0f} min left' if i else ''
+        left = f', about {done / worked * (len(plan) - i) / 60:.0f} min left' if worked else ''
         budget = f'{config.epochs} epochs' + (f', at most {config.max_steps} steps'
                                               if config.max_steps else '')
         print(f'[{i + 1}/{len(plan)}] {label}: training {budget} '
               f'({done / 60:.1f} min elapsed{left})', flush=True)
         train.train(config)
         result = previous_evaluation(config.run_dir, args)
+        worked += result is None
         if result is None:
             print(f'[{i + 1}/{len(plan)}] {label}: evaluating', flush=True)
             result = evaluate.evaluate_run(config.run_dir, args.iw_samples, args.iw_images,
