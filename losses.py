@@ -268,7 +268,6 @@ class Gaussian(Likelihood):
         log_sigma = self.choose_log_sigma(x, params, False, None)
         return log_bin_mass(log_ndtr, *self.bins(x, self.mean(params), tf.exp(log_sigma)))
 
-
     def effective_beta(self, beta, log_sigma, num_values, z_dim):
         """sum (x - x_hat)^2 / (2 sigma^2) + beta KL is sigma^-2 (sum (x - x_hat)^2 / 2 + beta
         sigma^2 KL): the gaussian objective with KL weight beta sigma^2, scaled (for a sigma
