@@ -36,6 +36,8 @@ from utils import UsageError  # noqa: E402
 # are (batch_size): a run that differs in them is refused on resume.
 MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'mixed_precision',
               'channels', 'seed', 'batch_size')
+# Resuming with another value of these is allowed, and said (the objective changes from then on).
+OBJECTIVE_KEYS = ('beta', 'lr', 'log_sigma_min')
 # A config.json without one of these was not written by train.py.
 REQUIRED_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'seed', 'batch_size')
 MAX_SEED = 2 ** 31 - 1
@@ -224,10 +226,11 @@ def read_config_file(path):
 
 def check_resume(config):
     """Refuses (UsageError) to resume a run folder's checkpoints with another value of a
-    MODEL_KEY, or when its config.json is damaged. Reads only."""
+    MODEL_KEY, or when its config.json is damaged. Reads only. Returns the changes of an
+    OBJECTIVE_KEY ('--beta 1.0 -> 0.5'), which a resume accepts (and config.json records)."""
     path = os.path.join(config.run_dir, 'config.json')
     if not os.path.exists(path) or not utils.CheckpointFolder(checkpoint_dir(config.run_dir)).any():
-        return
+        return []
     saved = read_config_file(path)
     for key in MODEL_KEYS:
         before, now = saved.get(key, getattr(Config(), key)), getattr(config, key)
@@ -236,6 +239,8 @@ def check_resume(config):
                 f"{config.run_dir} holds a run with --{key} {before}, not {now}: resume it "
                 f"with the same value, or start fresh with another --experiment_name (or "
                 f"delete the folder)")
+    return [f'--{key} {saved[key]} -> {getattr(config, key)}' for key in OBJECTIVE_KEYS
+            if key in saved and saved[key] != getattr(config, key)]
 
 
 def read_config(run_dir):
@@ -667,7 +672,10 @@ def _train(config, strategy):
     if steps_per_epoch == 0:
         raise UsageError(f'{splits.source} has {splits.num_train} training images, '
                          f'fewer than one batch of {config.batch_size}')
-    check_resume(config)
+    changes = check_resume(config)
+    if changes and chief:
+        print(f"resuming with {', '.join(changes)}: the steps from here on use the new "
+              f"value (config.json records it)", file=sys.stderr)
     trainer = make_trainer(config, strategy)
     with contextlib.ExitStack() as stack:
         if chief:

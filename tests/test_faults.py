@@ -189,6 +189,16 @@ def test_resuming_another_model_is_refused(image_folder, tmp_path, capsys, flag,
     assert f'holds a run with {flag}' in err and 'start fresh' in err
 
 
+def test_resuming_with_another_beta_says_so_and_records_it(image_folder, tmp_path, capsys):
+    args = ['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name', 'r',
+            '--max_steps', '1'] + TINY
+    assert run(args) == 0
+    capsys.readouterr()
+    assert run(args + ['--max_steps', '2', '--beta', '0.5']) == 0
+    assert 'resuming with --beta 1.0 -> 0.5' in capsys.readouterr().err
+    assert json.load(open(tmp_path / 'r' / 'config.json'))['beta'] == 0.5
+
+
 def test_resuming_on_another_data_set_is_refused(image_folder, tmp_path, capsys):
     other = make_images(tmp_path / 'other', [('L', (28, 28))] * 20)
     args = ['--output_dir', str(tmp_path), '--experiment_name', 'r', '--max_steps', '1'] + TINY
