@@ -16,13 +16,16 @@ python benchmarks/bench_train.py [--repeats 5] [--steps 20] [--cli_repeats 3]
    check) and the test figures evaluate.py would give (statistics recomputed, float32).
 """
 import argparse
+import fcntl
 import json
 import os
 import pty
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 
@@ -152,6 +155,8 @@ def run_cli(model, precision, output_dir, name):
     if precision:
         argv += ['--mixed_precision', precision]
     terminal, child = pty.openpty()
+    # A terminal 120 columns wide: on one of width 0 (a new pseudo-terminal's) tqdm draws nothing.
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 120, 0, 0))
     screen = []
     reader = threading.Thread(target=_read_all, args=(terminal, screen), daemon=True)
     reader.start()
