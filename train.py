@@ -207,6 +207,10 @@ def read_config_file(path):
         raise UsageError(f'{path} cannot be read ({e}): {fix}') from None
     if not isinstance(saved, dict):
         raise UsageError(f'{path} does not hold a JSON object of settings: {fix}')
+    if 'channels' not in saved and all(k in saved for k in REQUIRED_KEYS):
+        raise UsageError(f'{path} was written by a version of train.py before the decoder registry '
+                         f'(commit b09f93c or older); this version does not read its runs: train it '
+                         f'again in a new folder, or use that version')
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     for key, value in saved.items():
         if key not in fields:
@@ -269,9 +273,6 @@ def load_model(run_dir, batch_norm=True):
     averages, which lag the weights; False keeps the checkpoint's as they are.
     """
     config = read_config(run_dir)
-    if config.channels is None:
-        raise UsageError(f'{run_dir} was written by an older version of train.py (config.json '
-                         f'has no channels); retrain it')
     vae = make_vae(config)
     state = types.SimpleNamespace(
         step=tf.Variable(0, dtype=tf.int64), train_seconds=tf.Variable(0.0, dtype=tf.float64),
@@ -460,16 +461,7 @@ class Trainer:
         return self.manager
 
     def _restore_from(self, path):
-        # A checkpoint written before the epoch's training sums were kept in it (this project's
-        # main, briefly) restores with them at zero: they only average the training metrics of
-        # the epoch's row.
-        self.reset_train_means()
-        keys = tf.train.load_checkpoint(path).get_variable_to_shape_map()
-        state = self.checkpoint if 'train_sums/.ATTRIBUTES/VARIABLE_VALUE' in keys else \
-            tf.train.Checkpoint(vae=self.vae, optimizer=self.optimizer, step=self.step,
-                                epoch=self.epoch, train_seconds=self.train_seconds,
-                                prior_z=self.prior_z)
-        state.restore(path).assert_existing_objects_matched()
+        self.checkpoint.restore(path).assert_existing_objects_matched()
 
     def restore(self):
         """Restores the newest checkpoint that restores completely; returns its path, or None

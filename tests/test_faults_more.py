@@ -447,6 +447,7 @@ def test_a_refused_run_writes_nothing(image_folder, tmp_path, capsys, argv, word
     ('{"lr": 0.1}', "was not written by train.py (it has no key 'model')"),
     ('{"model": "sigma", "foo": 1}', "unknown key 'foo'"),
     ('Z_DIM_AS_A_STRING', """key 'z_dim' holds "4" (str), not a value of type int"""),
+    ('BEFORE_THE_REGISTRY', 'written by a version of train.py before the decoder registry'),
 ])
 def test_a_damaged_config_json_names_the_file_and_the_key(image_folder, tmp_path, capsys,
                                                            content, words):
@@ -457,6 +458,10 @@ def test_a_damaged_config_json_names_the_file_and_the_key(image_folder, tmp_path
         config = train.parse_args(args_of(image_folder, tmp_path))
         config.channels = 1
         saved = dict(vars(config), z_dim='4')
+        content = json.dumps(saved)
+    if content == 'BEFORE_THE_REGISTRY':  # as commit b09f93c wrote it: no channels, a bool
+        saved = dict(vars(train.parse_args(args_of(image_folder, tmp_path))), mixed_precision=False)
+        del saved['channels'], saved['restart']
         content = json.dumps(saved)
     (run_dir / 'config.json').write_text(content)
     assert run(args_of(image_folder, tmp_path, 'r', '--max_steps', '1')) == 2
