@@ -247,9 +247,11 @@ class Likelihood(keras.layers.Layer):
         the level nearest to x, and booleans marking level 0 and level 255.
         """
         level = tf.clip_by_value(tf.round((x - self.low) / self.bin_width), 0.0, 255.0)
-        centre = self.low + level * self.bin_width
-        lower = (centre - 0.5 * self.bin_width - loc) / scale
-        upper = (centre + 0.5 * self.bin_width - loc) / scale
+        # Each edge from its own index (level -+ 1/2), so that the upper edge of one bin is the
+        # lower edge of the next to the last bit: centre -+ w/2 rounds the two differently in
+        # float32, and with a scale near e^-6 the 256 masses then missed 1 by up to 2e-5.
+        lower = (self.low + (level - 0.5) * self.bin_width - loc) / scale
+        upper = (self.low + (level + 0.5) * self.bin_width - loc) / scale
         return lower, upper, level <= 0.0, level >= 255.0
 
 

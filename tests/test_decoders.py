@@ -154,18 +154,24 @@ def test_the_training_objective_and_its_reduction(name):
 
 @pytest.mark.parametrize('name', DECODERS)
 def test_discrete_probabilities_of_all_256_values_sum_to_one(name):
-    likelihood = make(name)
-    if hasattr(likelihood, 'sigma2_avg'):
-        likelihood.sigma2_avg.assign(0.3)
-        likelihood.sigma2_weight.assign(1.0)
+    # At the default floor of log sigma (-6: the bins are a few sigma wide) and wider; the
+    # scale is set through whichever knob the decoder has (sigma = 1 decoders have none).
+    likelihood = losses.DECODERS[name]((-1.0, 1.0))
     x = (np.arange(256) * LEVEL - 1.0).astype(np.float32)[:, None, None, None]
-    # Means at the edges, inside and between levels; raw log scales from tiny to wide.
-    for mean, raw in [(-1.0, -3.0), (0.3, -6.0), (0.999, 1.0), (-0.2 + LEVEL / 2, 3.0), (0.0, -2.0)]:
-        params = np.concatenate([np.full((256, 1, 1, 1), mean),
-                                 np.full((256, 1, 1, likelihood.params_per_value - 1), raw)], -1)
-        log_p = -likelihood.test_terms(tf.constant(x), tf.constant(params, tf.float32))[1].numpy()
-        assert np.all(log_p <= 1e-6)
-        assert np.exp(log_p.astype(np.float64)).sum() == pytest.approx(1.0, abs=1e-5), (mean, raw)
+    means = [-1.0, -0.4 + LEVEL / 3, 0.3, 0.5, 0.999, 1.0]
+    for log_scale in [-9.0, -6.0, -3.0, 0.0, 3.0]:
+        if hasattr(likelihood, 'log_sigma'):
+            likelihood.log_sigma.assign(log_scale)
+        if hasattr(likelihood, 'sigma2_avg'):
+            likelihood.sigma2_avg.assign(math.exp(2 * log_scale))
+            likelihood.sigma2_weight.assign(1.0)
+        for mean in means:
+            params = np.concatenate([np.full((256, 1, 1, 1), mean), np.full(
+                (256, 1, 1, likelihood.params_per_value - 1), log_scale)], -1).astype(np.float32)
+            log_p = -likelihood.test_terms(tf.constant(x), tf.constant(params))[1].numpy()
+            assert np.all(log_p <= 1e-6)
+            total = np.exp(log_p.astype(np.float64)).sum()
+            assert total == pytest.approx(1.0, abs=1e-5), (mean, log_scale)
 
 
 @pytest.mark.parametrize('name', ['gaussian', 'sigma'])
