@@ -245,7 +245,8 @@ def write_outputs(args, results):
         by_beta = sorted(results, key=lambda r: (r.get('effective_beta') is None,
                                                  r.get('effective_beta') or 0))
         text += ('\nThe beta sweep beside every decoder at its effective beta (the KL weight of '
-                 'the sigma = 1 gaussian decoder with the same gradients):\n\n'
+                 'the sigma = 1 gaussian decoder with the same gradients; a summary only for a '
+                 'sigma per image or per value):\n\n'
                  + markdown_table(by_beta, SWEEP_COLUMNS))
     utils.write_text(os.path.join(out, 'results.md'), text)
     normal, gmm, curves = [], [], []

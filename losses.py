@@ -236,8 +236,8 @@ class Likelihood(keras.layers.Layer):
 
     def effective_beta(self, beta, log_sigma, num_values, z_dim):
         """The KL weight of the `gaussian` decoder (sigma = 1) whose objective has the same
-        minimisers as this decoder's with KL weight beta and (test) log sigma: None when there
-        is none (a non-Gaussian likelihood)."""
+        minimisers as this decoder's with KL weight beta and (test) log sigma, or a summary of
+        it where no single weight does; None for a likelihood that is not Gaussian."""
         return None
 
     def bins(self, x, loc, scale):
@@ -272,8 +272,11 @@ class Gaussian(Likelihood):
 
     def effective_beta(self, beta, log_sigma, num_values, z_dim):
         """sum (x - x_hat)^2 / (2 sigma^2) + beta KL is sigma^-2 (sum (x - x_hat)^2 / 2 + beta
-        sigma^2 KL): the gaussian objective with KL weight beta sigma^2, scaled (for a sigma
-        predicted per value, log_sigma is the mean log sigma: sigma^2 is a geometric mean)."""
+        sigma^2 KL): the gaussian objective with KL weight beta sigma^2, scaled. Exact for a sigma
+        shared by the values of a batch; where sigma differs by image or by value (optimal_image,
+        sigma_pixel) the squared errors are weighted unequally and no beta gives the same
+        objective: then log_sigma is the mean log sigma and beta sigma^2 (a geometric mean) only
+        a summary."""
         return beta * math.exp(2.0 * log_sigma)
 
 
