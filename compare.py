@@ -235,10 +235,17 @@ def write_outputs(args, results):
     out = args.output_dir
     utils.write_text(os.path.join(out, 'results.json'), json.dumps(results, indent=2) + '\n')
     title = f'{args.dataset}, data range [{args.data_range}]'
+    iw_images = (f'the first {args.iw_images} test images (the other columns: all of them)'
+                 if args.iw_images else 'all test images')
     details = (f'{title}; FID features: {args.features}, N = {args.fid_samples}, samples of the '
                f'N(0, I) prior and of a {args.components}-component Gaussian mixture fitted to '
                f'the encoder means of the training split (GMM); IW-NLL with K = {args.iw_samples} on '
-               f"{f'the first {args.iw_images}' if args.iw_images else 'all'} test images")
+               f'{iw_images}')
+    real = f'fid_{args.features}_train_images'
+    reference = next((r for r in results if real in r), None)
+    if reference is not None:
+        details += (f"; real images for reference: {reference['fid_samples']} training images "
+                    f'against the test images, FID {reference[real]:.2f}')
     text = f'{details}\n\n' + markdown_table(results)
     swept = any(r['sweep_beta'] is not None for r in results)
     if swept:

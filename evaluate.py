@@ -406,17 +406,18 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
             result['export' + PRIORS[prior]] = export_samples(
                 run_dir, samples[prior], config.data_range, 'samples' + PRIORS[prior])
     if features != 'none' and samples:
-        result.update(fid(splits, config, test_ds, samples, features, inception_weights,
+        result.update(fid(splits, config, samples, features, inception_weights,
                           feature_cache))
     result['eval_seconds'] = round(time.time() - start, 1)
     utils.write_text(os.path.join(run_dir, 'evaluation.json'), json.dumps(result, indent=2) + '\n')
     return result
 
 
-def fid(splits, config, test_ds, samples, features, inception_weights=None, feature_cache=None):
+def fid(splits, config, samples, features, inception_weights=None, feature_cache=None):
     """The FID between each prior's samples ({prior: uint8 (N, S, S, C)}) and N test images,
-    as fid_<features> for N(0, I) and fid_<features>_gmm for the mixture; and what the
-    features were."""
+    as fid_<features> for N(0, I) and fid_<features>_gmm for the mixture; the FID of the first
+    N training images, fid_<features>_train_images: what real images score, a reference for
+    how close to 0 a model can be expected to come; and what the features were."""
     n = len(next(iter(samples.values())))
     if n < 2:
         raise UsageError('the FID needs at least 2 test images')
@@ -425,12 +426,18 @@ def fid(splits, config, test_ds, samples, features, inception_weights=None, feat
             splits, config, feature_cache or os.path.join(config.output_dir, 'feature_extractors'))
     else:
         extract, info = inception_features(inception_weights)
-    real = np.concatenate([data.to_uint8(b, config.data_range)
-                           for b in test_ds.unbatch().take(n).batch(1000)])
-    real_statistics = feature_statistics(extract(real))
-    distances = {f'fid_{features}{PRIORS[prior]}': frechet_distance(
-        *feature_statistics(extract(images)), *real_statistics) for prior, images in samples.items()}
-    return {**distances, 'fid_samples': n, **info}
+
+    def first(images):  # the first n of a split, as uint8
+        return np.concatenate([data.to_uint8(b, config.data_range) for b in data.make_pipeline(
+            images.take(n), config.image_size, 1000, drop_remainder=False,
+            data_range=config.data_range)])
+
+    real_statistics = feature_statistics(extract(first(splits.test)))
+    if splits.num_train >= 2:
+        samples = {**samples, 'train_images': first(splits.train)}
+    return {**{f'fid_{features}{PRIORS.get(name, "_" + name)}': frechet_distance(
+        *feature_statistics(extract(images)), *real_statistics) for name, images in samples.items()},
+        'fid_samples': n, **info}
 
 
 def make_parser():

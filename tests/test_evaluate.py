@@ -92,6 +92,17 @@ def test_evaluate_cli_writes_json_and_exports_samples(trained_run, capsys):
     assert result['fid_domain_gmm'] >= 0 and result['fid_domain_gmm'] != result['fid_domain']
     assert result['gmm_components'] == 10
     assert 0 <= result['classifier_test_accuracy'] <= 1
+    # The reference of real images: the first 4 training images against the first 4 test
+    # images, through the cached classifier's feature layer, by hand.
+    import keras
+    classifier = keras.models.load_model(result['classifier'])
+    features = keras.Model(classifier.input, classifier.get_layer('features').output)
+    config = train.read_config(trained_run)
+    splits = data.load(config.dataset, image_size=28, seed=config.seed)
+    train_x, test_x = (np.stack([x.numpy() for x in split.take(4)]) for split in (splits.train, splits.test))
+    want = evaluate.frechet_distance(*evaluate.feature_statistics(features(train_x).numpy()),
+                                     *evaluate.feature_statistics(features(test_x).numpy()))
+    assert result['fid_domain_train_images'] == pytest.approx(want, rel=1e-4, abs=1e-6)
     out = capsys.readouterr().out
     assert 'fid_domain_gmm' in out and 'fitted a 10-component Gaussian mixture' in out
     for name in ('samples', 'samples_gmm'):
@@ -178,6 +189,7 @@ def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path, capsys):
     assert all(0 <= r['active_units'] <= 4 for r in results)
     table, sweep_table = open(out / 'results.md').read().split('The beta sweep')
     assert '| FID N(0, I) | FID GMM |' in table
+    assert f"against the test images, FID {results[0]['fid_domain_train_images']:.2f}" in table
     assert all(f'| {r["name"]} |' in table for r in results)
     rows = [line for line in sweep_table.splitlines() if line.startswith('| ') and 'KL' not in line]
     assert len(rows) == 4 and sum('beta-VAE' in row for row in rows) == 2
