@@ -62,7 +62,7 @@ def load(dataset, data_dir=None, image_size=28, seed=0):
         return load_folder(dataset, image_size, seed)
     if dataset == 'fashion_mnist':
         local = find_fashion_mnist(data_dir)
-        if local and not _tfds_prepared(dataset, data_dir):
+        if local and not _is_prepared(_tfds_builder(dataset, data_dir)):
             return load_idx(local)
     return load_tfds(dataset, data_dir)
 
@@ -80,11 +80,12 @@ def _tfds_builder(name, data_dir):
             f"({', '.join(TFDS_DATASETS)}, ...) or the path of an image folder") from None
 
 
-def _tfds_prepared(name, data_dir):
+def _is_prepared(builder):
     # Asking for a data set that is not there makes tfds warn of a "variant folder" with no
-    # dataset_info.json (it creates none): noise when the data come from elsewhere.
+    # dataset_info.json (it creates none): noise when the data come from elsewhere, or before
+    # the line that says what to do.
     with utils.quiet_logger('absl'):
-        return _tfds_builder(name, data_dir).is_prepared()
+        return builder.is_prepared()
 
 
 def _reachable(url, timeout=5.0):
@@ -100,7 +101,7 @@ def _reachable(url, timeout=5.0):
 
 def load_tfds(name, data_dir):
     builder = _tfds_builder(name, data_dir)
-    if not builder.is_prepared():
+    if not _is_prepared(builder):
         # tfds retries unreachable downloads for minutes: ask the network first.
         if not _reachable(builder.info.homepage):
             raise UsageError(

@@ -1,5 +1,6 @@
 """Faults, interruptions and bad input: each fails cleanly or is survived."""
 import json
+import logging
 import os
 import random
 import signal
@@ -216,18 +217,21 @@ def test_unwritable_output_folder_fails_before_training(image_folder, tmp_path, 
     assert time.time() - start_time < 10
 
 
-def test_missing_data_sets_give_a_clear_error(tmp_path, monkeypatch, capsys):
+def test_missing_data_sets_give_a_clear_error(tmp_path, monkeypatch, capfd, caplog):
     out = ['--output_dir', str(tmp_path)]
     assert run(['--dataset', 'no_such_data_set'] + out) == 2
-    assert "unknown data set 'no_such_data_set'" in capsys.readouterr().err
+    assert "unknown data set 'no_such_data_set'" in capfd.readouterr().err
     assert run(['--dataset', str(tmp_path / 'nowhere')] + out) == 2
-    assert 'does not exist' in capsys.readouterr().err
+    assert 'does not exist' in capfd.readouterr().err
     # A tfds data set that is not prepared, with its source unreachable, fails at once.
     monkeypatch.setattr(data, '_reachable', lambda url, timeout=5.0: False)
     start_time = time.time()
     assert run(['--dataset', 'svhn_cropped', '--data_dir', str(tmp_path / 'tfds')] + out) == 2
     assert time.time() - start_time < 15
-    assert 'is not prepared' in capsys.readouterr().err
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'is not prepared' in err[0], err
+    # and no tfds warning before it (of a "variant folder" with no dataset_info.json)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):

@@ -281,7 +281,7 @@ def test_looking_up_a_tfds_data_set_leaves_nothing_in_tmpdir(tmp_path, monkeypat
     scratch = tmp_path / 'tmpdir'
     scratch.mkdir()
     monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
-    assert not data._tfds_prepared('mnist', str(tmp_path / 'tfds'))
+    assert not data._is_prepared(data._tfds_builder('mnist', str(tmp_path / 'tfds')))
     assert os.listdir(scratch) == []
 
 
