@@ -318,14 +318,19 @@ def check_tf_config():
     text = os.environ.get('TF_CONFIG')
     if text is None:
         return
+    def address(h):  # host:port
+        host, _, port = h.rpartition(':') if isinstance(h, str) else ('', '', '')
+        return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
     try:
         spec = json.loads(text)
         cluster, task = spec['cluster'], spec['task']
         valid = (isinstance(cluster, dict) and cluster and isinstance(task, dict)
-                 and all(isinstance(a, list) and a and all(isinstance(h, str) and ':' in h for h in a)
-                         for a in cluster.values())
+                 and set(cluster) <= {'chief', 'worker'}  # the roles of MultiWorkerMirroredStrategy
+                 and all(isinstance(a, list) and a and all(map(address, a)) for a in cluster.values())
                  and task.get('type') in cluster and type(task.get('index')) is int
-                 and 0 <= task['index'] < len(cluster[task['type']]))
+                 and 0 <= task['index'] < len(cluster[task['type']])
+                 and isinstance(spec.get('rpc_layer', ''), str))
     except (ValueError, KeyError, TypeError):
         valid = False
     if not valid:
@@ -339,7 +344,10 @@ def make_strategy(name):
         return tf.distribute.MirroredStrategy()
     if name == 'multi_worker':
         check_tf_config()
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except (ValueError, TypeError, tf.errors.OpError) as e:  # a TF_CONFIG it cannot use
+            raise UsageError(f'TF_CONFIG cannot start the cluster: {utils.error_reason(e)}') from None
     return tf.distribute.get_strategy()
 
 

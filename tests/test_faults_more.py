@@ -420,7 +420,11 @@ def test_evaluate_usage_errors_are_one_line(capsys):
 
 
 def test_malformed_tf_config_is_one_line(image_folder, tmp_path, monkeypatch, capsys):
-    for text in ('{bad', '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', '[]'):
+    task = '"task": {"type": "worker", "index": 0}'
+    for text in ('{bad', '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', '[]',
+                 '{"cluster": {"worker": ["localhost:abc"]}, %s}' % task,
+                 '{"cluster": {"worker": ["a:1"]}, %s, "rpc_layer": 5}' % task,
+                 '{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "ps", "index": 0}}'):
         monkeypatch.setenv('TF_CONFIG', text)
         assert run(['--dataset', image_folder, '--output_dir', str(tmp_path),
                     '--strategy', 'multi_worker'] + TINY) == 2
