@@ -18,8 +18,8 @@ import os
 import sys
 import time
 
-import utils  # first: TensorFlow starts quietly
-utils.quiet_tensorflow()
+import utils  # first: TensorFlow starts quietly; Ctrl-C ends the command in one line
+utils.start(__name__)
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402

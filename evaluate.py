@@ -20,8 +20,8 @@ import time
 import warnings
 import zipfile
 
-import utils  # first: TensorFlow starts quietly
-utils.quiet_tensorflow()
+import utils  # first: TensorFlow starts quietly; Ctrl-C ends the command in one line
+utils.start(__name__)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -20,8 +20,8 @@ import types
 import typing
 from typing import Optional
 
-import utils  # first: TensorFlow starts quietly
-utils.quiet_tensorflow()
+import utils  # first: TensorFlow starts quietly; Ctrl-C ends the command in one line
+utils.start(__name__)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -690,7 +690,7 @@ def _train(config, strategy):
         try:
             return _run(config, strategy, trainer, splits, steps_per_epoch, interrupts)
         except utils.Interrupted as e:  # before the loop, or after its own handling
-            print(f'\ninterrupted ({e}) at step {int(trainer.step.numpy())}; '
+            print(f'interrupted ({e}) at step {int(trainer.step.numpy())}; '
                   f'{trainer.last_checkpoint()}', file=sys.stderr)
             raise SystemExit(e.status) from None
 
@@ -808,7 +808,7 @@ def _run(config, strategy, trainer, splits, steps_per_epoch, interrupts):
             bar.close()
         step = int(trainer.step.numpy())
         if config.strategy == 'multi_worker':  # saving is collective: the others would hang
-            print(f'\ninterrupted at step {step}; not saved under multi_worker, '
+            print(f'interrupted at step {step}; not saved under multi_worker, '
                   f'the last checkpoint is {tf.train.latest_checkpoint(trainer.checkpoint_dir)}',
                   file=sys.stderr)
         else:
@@ -817,7 +817,7 @@ def _run(config, strategy, trainer, splits, steps_per_epoch, interrupts):
                 trainer.epoch.assign(step // steps_per_epoch)
                 trainer.save()
             path = tf.train.latest_checkpoint(trainer.checkpoint_dir)
-            print(f'\ninterrupted at step {step}; saved {path}', file=sys.stderr)
+            print(f'interrupted at step {step}; saved {path}', file=sys.stderr)
         raise SystemExit(e.status) from None
     finally:
         if bar is not None:

@@ -27,6 +27,24 @@ from PIL import Image
 VERBOSE = os.environ.get('SIGMA_VAE_VERBOSE', '') not in ('', '0')
 
 
+_STDERR = 2  # standard error's file descriptor, or its copy while quiet_tensorflow silences it
+
+
+def start(name):
+    """The first call of every command, `utils.start(__name__)`: TensorFlow is imported quietly
+    (quiet_tensorflow), and when the module runs as the command (name == '__main__'), Ctrl-C
+    ends it with one line and status 130 instead of a traceback, wherever nothing handles it
+    itself (training does: Interrupts). Importing TensorFlow alone takes seconds."""
+    if name == '__main__':
+        signal.signal(signal.SIGINT, _interrupted)
+    quiet_tensorflow()
+
+
+def _interrupted(signum, frame):
+    os.write(_STDERR, f'{os.path.basename(sys.argv[0])}: interrupted\n'.encode())
+    raise SystemExit(128 + signum)
+
+
 def quiet_tensorflow():
     """Imports TensorFlow without its start-up noise, unless SIGMA_VAE_VERBOSE=1.
 
@@ -38,13 +56,16 @@ def quiet_tensorflow():
     """
     if VERBOSE or 'tensorflow' in sys.modules:
         return
+    global _STDERR
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    _STDERR = saved
     try:
         import tensorflow  # noqa: F401  (its import is the point)
     finally:
+        _STDERR = 2
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)

@@ -505,3 +505,17 @@ def test_every_command_starts_quietly_and_errs_in_one_line(tmp_path):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and out == '', (name, out)
         assert len(err.splitlines()) == 1 and err.startswith(name), (name, err)
+
+
+@pytest.mark.parametrize('command', ['train.py', 'evaluate.py'])
+def test_ctrl_c_while_a_command_starts_is_one_line(image_folder, tmp_path, command):
+    # Importing TensorFlow takes seconds, before any code of main() runs.
+    argv = {'train.py': ['--dataset', image_folder, '--output_dir', str(tmp_path), '--max_steps',
+                         '100000'] + TINY, 'evaluate.py': ['--run', str(tmp_path)]}[command]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, command)] + argv, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == f'{command}: interrupted\n', err
