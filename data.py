@@ -7,6 +7,7 @@ them in memory, shuffles, batches and scales them to the run's data range with t
 import concurrent.futures
 import dataclasses
 import gzip
+import hashlib
 import math
 import os
 import socket
@@ -51,6 +52,9 @@ class Splits:
     train_labels: Optional[tf.data.Dataset] = None
     test_labels: Optional[tf.data.Dataset] = None
     num_classes: int = 0
+    # What the test split of an image folder depends on: its files' number, paths and sizes, as
+    # 'N images, sha256 <16 hex digits>'; None for a data set that does not change.
+    fingerprint: Optional[str] = None
 
 
 def load(dataset, data_dir=None, image_size=28, seed=0):
@@ -303,12 +307,16 @@ def load_folder(folder, image_size, seed=0):
     labels = np.array([names.index(c) for c in classes], np.int64)
     num_test = max(1, int(round(TEST_FRACTION * len(images))))
     has_labels = len(names) > 1
+    digest = hashlib.sha256()
+    for path, _ in kept:
+        digest.update(f'{os.path.relpath(path, folder)}\0{os.path.getsize(path)}\0'.encode())
     return Splits(tf.data.Dataset.from_tensor_slices(images[num_test:]),
                   tf.data.Dataset.from_tensor_slices(images[:num_test]),
                   len(images) - num_test, num_test, images.shape[-1], f'folder:{folder}',
                   tf.data.Dataset.from_tensor_slices(labels[num_test:]) if has_labels else None,
                   tf.data.Dataset.from_tensor_slices(labels[:num_test]) if has_labels else None,
-                  len(names) if has_labels else 0)
+                  len(names) if has_labels else 0,
+                  f'{len(kept)} images, sha256 {digest.hexdigest()[:16]}')
 
 
 # ---- the pipeline -----------------------------------------------------------

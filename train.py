@@ -35,7 +35,7 @@ from utils import UsageError  # noqa: E402
 # Changing one of these changes the model, its test split (seed) or what a step and an epoch
 # are (batch_size): a run that differs in them is refused on resume.
 MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'mixed_precision',
-              'channels', 'seed', 'batch_size')
+              'channels', 'seed', 'batch_size', 'data_fingerprint')
 # Resuming with another value of these is allowed, and said (the objective changes from then on).
 OBJECTIVE_KEYS = ('beta', 'lr', 'log_sigma_min')
 # A config.json without one of these was not written by train.py.
@@ -78,6 +78,7 @@ class Config:
     mixed_precision: Optional[str] = None  # None (float32), 'float16' or 'bfloat16'
     restart: bool = False  # start over from step 0 when no checkpoint of the run restores
     channels: Optional[int] = None  # not a flag: the data's, written into config.json
+    data_fingerprint: Optional[str] = None  # not a flag: an image folder's (data.Splits)
 
     @property
     def run_dir(self):
@@ -233,11 +234,22 @@ def check_resume(config):
     MODEL_KEY, or when its config.json is damaged. Reads only. Returns the changes of an
     OBJECTIVE_KEY ('--beta 1.0 -> 0.5'), which a resume accepts (and config.json records)."""
     path = os.path.join(config.run_dir, 'config.json')
-    if not os.path.exists(path) or not utils.CheckpointFolder(checkpoint_dir(config.run_dir)).any():
+    if not utils.CheckpointFolder(checkpoint_dir(config.run_dir)).any():
+        rows, _ = utils.read_rows(os.path.join(config.run_dir, 'metrics.jsonl'))
+        if rows and not config.restart:
+            raise UsageError(
+                f"{config.run_dir} holds metrics rows up to step {rows[-1]['step']} but no checkpoint "
+                f"in {checkpoint_dir(config.run_dir)}: put the checkpoints back, or start over with "
+                f"--restart (the rows are dropped)")
         return []
+    if not os.path.exists(path):
+        raise UsageError(f'{config.run_dir} holds checkpoints but no config.json, which says what '
+                         f'they are a model of: put it back, or delete the run folder')
     saved = read_config_file(path)
     for key in MODEL_KEYS:
         before, now = saved.get(key, getattr(Config(), key)), getattr(config, key)
+        if key == 'data_fingerprint' and before != now:
+            raise UsageError(data_changed(config.run_dir, config.dataset, before, now))
         if before != now:
             raise UsageError(
                 f"{config.run_dir} holds a run with --{key} {before}, not {now}: resume it "
@@ -245,6 +257,13 @@ def check_resume(config):
                 f"delete the folder)")
     return [f'--{key} {saved[key]} -> {getattr(config, key)}' for key in OBJECTIVE_KEYS
             if key in saved and saved[key] != getattr(config, key)]
+
+
+def data_changed(run_dir, dataset, before, now):
+    """The error of an image folder that no longer holds the images a run started with."""
+    return (f'{dataset} holds other images than when {run_dir} started (then: {before}; now: '
+            f'{now}): its test split would change; use the folder as it was, or start a new run '
+            f'(another --experiment_name)')
 
 
 def read_config(run_dir):
@@ -288,6 +307,9 @@ def load_model(run_dir, batch_norm=True):
         raise UsageError(f'{run_dir} has no checkpoint' if not skipped else no_checkpoint_restores(
             folder.directory, skipped, 'fix or restore the files'))
     state.splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    if state.splits.fingerprint != config.data_fingerprint:
+        raise UsageError(data_changed(run_dir, config.dataset, config.data_fingerprint,
+                                      state.splits.fingerprint))
     if batch_norm:
         models.recompute_batch_norm(vae, data.make_pipeline(
             state.splits.train, config.image_size, config.batch_size, shuffle_seed=config.seed,
@@ -667,7 +689,7 @@ def _train(config, strategy):
         lock.check()  # fail at once, not after loading the data
     # Everything is checked before anything is written: the data, the run folder's config.
     splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
-    config.channels = splits.channels
+    config.channels, config.data_fingerprint = splits.channels, splits.fingerprint
     steps_per_epoch = splits.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f'{splits.source} has {splits.num_train} training images, '

@@ -137,6 +137,51 @@ def test_when_no_checkpoint_restores_stop_unless_restart(image_folder, trained, 
     assert [r['step'] for r in strict_rows(run_dir / 'metrics.jsonl')] == [2]
 
 
+def test_rows_without_any_checkpoint_stop_unless_restart(image_folder, trained, tmp_path, capsys):
+    # The whole checkpoints/ folder deleted: a silent start from step 0 would drop the rows.
+    run_dir = copy_run(trained, tmp_path)
+    shutil.rmtree(run_dir / 'checkpoints')
+    files = files_under(run_dir)
+    args = args_of(image_folder, tmp_path, 'r', '--max_steps', '2')
+    assert run(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'holds metrics rows up to step 6 but no checkpoint' in err[0], err
+    assert files_under(run_dir) == files
+    assert run(args + ['--restart']) == 0
+    assert [r['step'] for r in strict_rows(run_dir / 'metrics.jsonl')] == [2]
+
+
+def test_checkpoints_without_config_json_are_refused(image_folder, trained, tmp_path, capsys):
+    # config.json says what model the checkpoints are of: without it nothing can be checked.
+    run_dir = copy_run(trained, tmp_path)
+    os.remove(run_dir / 'config.json')
+    files = files_under(run_dir)
+    assert run(args_of(image_folder, tmp_path, 'r', '--max_steps', '8', '--seed', '2')) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'holds checkpoints but no config.json' in err[0], err
+    assert files_under(run_dir) == files
+
+
+def test_an_image_folder_that_changed_is_refused_on_resume(image_folder, tmp_path, capsys):
+    # Its test split is a seeded permutation of the files read: another file changes it.
+    folder = tmp_path / 'images'
+    shutil.copytree(image_folder, folder)
+    args = args_of(str(folder), tmp_path, 'r', '--max_steps', '2')
+    assert run(args) == 0
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(folder / 'class0' / 'new.png')
+    capsys.readouterr()
+    files = files_under(tmp_path / 'r')
+    for command in (lambda: run(args + ['--max_steps', '3']),
+                    lambda: evaluate.main(['--run', str(tmp_path / 'r')])):
+        status = command()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and 'holds other images than when' in err[0], err
+        assert 'then: 44 images, sha256' in err[0] and 'now: 45 images, sha256' in err[0]
+    assert files_under(tmp_path / 'r') == files
+    os.remove(folder / 'class0' / 'new.png')  # as it was: resumes
+    assert run(args + ['--max_steps', '3']) == 0
+
+
 def test_load_model_skips_a_damaged_newest_checkpoint_and_writes_nothing(trained, tmp_path, capsys):
     run_dir = copy_run(trained, tmp_path)
     os.remove(run_dir / 'checkpoints' / 'ckpt-6.index')
