@@ -179,6 +179,9 @@ def bits_per_dim_plot(path, curves, title):
 
 
 def compare(args):
+    # The data, and whether they give the FID's features, before anything is written.
+    evaluate.check_features(data.load(args.dataset, args.data_dir, args.image_size, args.seed),
+                            args.features)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:

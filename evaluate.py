@@ -90,15 +90,21 @@ def _labelled_arrays(images, labels, image_size):
     return x, y
 
 
+def check_features(splits, features):
+    """UsageError if the data cannot give these FID features (compare.py asks before training)."""
+    if features == 'domain' and splits.train_labels is None:
+        raise UsageError(f'{splits.source} has no class labels, which the domain features need '
+                         f'(for an image folder: one subfolder per class); use --features '
+                         f'inception or none')
+
+
 def domain_features(splits, config, cache_dir):
     """A feature function from the penultimate layer of a classifier of the data set's labels.
 
     The classifier is trained once per data set, size and channel count and cached in
     cache_dir; returns (function, info dict with its test accuracy).
     """
-    if splits.train_labels is None:
-        raise UsageError(f'{splits.source} has no class labels, which the domain features need '
-                         f'(for an image folder: one subfolder per class); use --features inception')
+    check_features(splits, 'domain')
     key = ''.join(c if c.isalnum() else '_' for c in config.dataset.strip(os.sep))
     path = os.path.join(cache_dir, f'{key}_{config.image_size}px_{splits.channels}c.keras')
     test_x, test_y = _labelled_arrays(splits.test, splits.test_labels, config.image_size)

@@ -458,6 +458,18 @@ def test_compare_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
     assert 'is a file, not a folder' in capsys.readouterr().err
 
 
+def test_compare_refuses_data_without_labels_before_training(tmp_path, capsys):
+    # The default FID features are a classifier of the labels: an unlabelled folder would fail
+    # only after every model had trained.
+    folder = tmp_path / 'flat'
+    make_images(folder, [('L', (28, 28))] * 20)
+    out = tmp_path / 'cmp'
+    assert compare.main(['--dataset', str(folder), '--output_dir', str(out), '--models', 'sigma',
+                         '--max_steps', '1'] + TINY[:4]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'has no class labels' in err[0] and not out.exists(), err
+
+
 def test_evaluate_usage_errors_are_one_line(capsys):
     assert pytest.raises(SystemExit, evaluate.parse_args, []).value.code == 2
     err = capsys.readouterr().err.splitlines()
