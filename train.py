@@ -897,8 +897,8 @@ def main(argv=None):
         print(f'train.py: error: {e}', file=sys.stderr)
         return 1 if isinstance(e, RunFailed) else 2
     except OSError as e:  # e.g. a full disk while writing images or metrics
-        print(f'train.py: error: cannot write {e.filename or ""}: {e.strerror or e}',
-              file=sys.stderr)
+        print(f"train.py: error: cannot write {e.filename or 'into ' + config.run_dir}: "
+              f"{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before training started
         print('train.py: interrupted', file=sys.stderr)
