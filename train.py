@@ -340,6 +340,7 @@ def check_tf_config():
     text = os.environ.get('TF_CONFIG')
     if text is None:
         return
+
     def address(h):  # host:port
         host, _, port = h.rpartition(':') if isinstance(h, str) else ('', '', '')
         return bool(host) and port.isdigit() and 0 < int(port) < 65536
