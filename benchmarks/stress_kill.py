@@ -167,7 +167,8 @@ def main(argv=None):
         expected_resume = newest_complete_checkpoint(run_dir)
         record = {'kill': i, 'signal': name, 'delay': round(delay, 2), 'status': status,
                   'expected_resume': records[-1]['newest_checkpoint_after'] if records else None,
-                  'resumed_from': resumed, 'newest_checkpoint_after': expected_resume, 'temporaries_after': len(left),
+                  'resumed_from': resumed, 'newest_checkpoint_after': expected_resume,
+                  'temporaries_after': len(left),
                   'skipped_checkpoints': attempt.stderr().count('skipped checkpoint')}
         records.append(record)
         check('Traceback' not in err, f'kill {i}: a traceback; see {attempt.err_path}')
