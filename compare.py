@@ -10,25 +10,28 @@ With --beta_sweep it also trains the fixed-sigma `gaussian` decoder with each KL
 beta (a beta-VAE), and draws rate_distortion.png (KL against test MSE) and
 fid_vs_beta.png (FID against beta, each decoder at its effective beta).
 """
-import argparse
-import dataclasses
-import json
-import math
-import os
-import sys
-import time
+import utils  # first: from here on a Ctrl-C ends the command in one line
+utils.start()  # TensorFlow, quietly
 
-import utils  # first: TensorFlow starts quietly; Ctrl-C ends the command in one line
-utils.start(__name__)
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import data  # noqa: E402
-import evaluate  # noqa: E402
 import losses  # noqa: E402
-import train  # noqa: E402
+import run_folder  # noqa: E402
+from run_folder import PRIORS, Config  # noqa: E402
 from utils import UsageError  # noqa: E402
+# The two commands a comparison runs, in this process (so that a decoder registered at run time
+# is compared too); nothing else is taken from them.
+import evaluate  # noqa: E402
+import train  # noqa: E402
 
 COLUMNS = [  # (header, key in the evaluation, format)
     ('model', 'name', '{}'), ('-ELBO (nats)', 'test_neg_elbo', '{:.1f}'),
@@ -51,34 +54,25 @@ SWEEP_COLUMNS = [
 BETA_VAE_MODEL = 'gaussian'  # the fixed-sigma decoder a beta-VAE weights
 
 
+# train.py's flags that a comparison shares across its runs (Config fields), and its defaults
+# where they differ from train.py's.
+SHARED_FLAGS = ('output_dir', 'dataset', 'data_dir', 'data_range', 'epochs', 'max_steps',
+                'batch_size', 'image_size', 'z_dim', 'seed')
+DEFAULTS = {'output_dir': 'output/compare'}
+
+
 def make_parser():
     p = utils.ArgumentParser(prog='compare.py', description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--output_dir', default='output/compare', help='folder of the runs and results')
-    p.add_argument('--dataset', default='svhn_cropped', help='as for train.py')
-    p.add_argument('--data_dir', default=None, help='as for train.py')
-    p.add_argument('--data_range', choices=list(data.DATA_RANGES), default='-1,1', metavar='RANGE',
-                   help="'-1,1' or '0,1', as for train.py")
-    p.add_argument('--epochs', type=int, default=10, help='training epochs of every model')
-    p.add_argument('--max_steps', type=int, default=None, help='stop every model after this many steps')
-    p.add_argument('--batch_size', type=int, default=64, help='as for train.py')
-    p.add_argument('--image_size', type=int, choices=(28, 32, 64), default=28, help='as for train.py')
-    p.add_argument('--z_dim', type=int, default=20, help='as for train.py')
-    p.add_argument('--seed', type=int, default=0, help='as for train.py')
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_config_flags(p, SHARED_FLAGS, DEFAULTS)
     p.add_argument('--models', default=','.join(losses.DECODERS),
                    help='comma-separated models to train (default: every decoder of losses.py)')
-    p.add_argument('--beta_vae', type=float, default=None,
+    p.add_argument('--beta_vae', type=utils.positive(float), default=None,
                    help='also train the gaussian model with this KL weight (a beta-VAE)')
     p.add_argument('--beta_sweep', default='',
                    help='comma-separated KL weights: a beta-VAE (the gaussian model) for each, '
                         'and the rate-distortion and FID-against-beta figures')
-    p.add_argument('--iw_samples', type=int, default=1000, help='as for evaluate.py')
-    p.add_argument('--iw_images', type=int, default=None, help='as for evaluate.py')
-    p.add_argument('--fid_samples', type=int, default=10000, help='as for evaluate.py')
-    p.add_argument('--features', choices=evaluate.FEATURE_EXTRACTORS, default='domain',
-                   help='FID features, as for evaluate.py')
-    p.add_argument('--components', type=int, default=evaluate.GMM_COMPONENTS,
-                   help='components of the Gaussian mixture prior fitted to each run')
+    evaluate.add_evaluation_flags(p, components=run_folder.GMM_COMPONENTS)
     return p
 
 
@@ -89,24 +83,16 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in losses.DECODERS]
     if unknown or not args.models:
         parser.error(f'--models must list models of {list(losses.DECODERS)}, got {args.models}')
-    for name in ('epochs', 'batch_size', 'z_dim', 'iw_samples', 'fid_samples', 'max_steps', 'iw_images',
-                 'components'):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error(f'--{name} must be positive, got {value}')
-    if args.beta_vae is not None and not (args.beta_vae > 0 and math.isfinite(args.beta_vae)):
-        parser.error(f'--beta_vae must be a positive number, got {args.beta_vae}')
     try:
-        args.beta_sweep = sorted({float(b) for b in args.beta_sweep.split(',') if b.strip()})
-    except ValueError:
-        parser.error(f'--beta_sweep must list numbers, got {args.beta_sweep!r}')
-    if not all(0 < b < float('inf') for b in args.beta_sweep):
-        parser.error(f'--beta_sweep must list positive numbers, got {args.beta_sweep}')
+        args.beta_sweep = sorted({utils.positive(float)(b) for b in args.beta_sweep.split(',')
+                                  if b.strip()})
+    except ValueError as e:  # argparse.ArgumentTypeError
+        parser.error(f'--beta_sweep must list positive numbers: {e}')
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         parser.error(f'--output_dir {args.output_dir} is a file, not a folder')
     for _, config, _ in runs(args):  # the checks of train.py, before anything is trained
         try:
-            train.check_config(config)
+            config.check()
         except UsageError as e:
             parser.error(str(e))
     return args
@@ -116,16 +102,13 @@ def runs(args):
     """(label, train.Config, sweep beta or None) of every run of the comparison: the models,
     then a beta-VAE for --beta_vae and each --beta_sweep value; a beta-VAE whose config is a
     model's (beta = 1) is that model's run, marked as a sweep point."""
-    base = dict(output_dir=args.output_dir, dataset=args.dataset, data_dir=args.data_dir,
-                data_range=args.data_range, epochs=args.epochs, max_steps=args.max_steps,
-                batch_size=args.batch_size, image_size=args.image_size, z_dim=args.z_dim,
-                seed=args.seed)
-    out = [[m, train.Config(model=m, experiment_name=m, **base), None] for m in args.models]
+    base = {name: getattr(args, name) for name in SHARED_FLAGS}
+    out = [[m, Config(model=m, experiment_name=m, **base), None] for m in args.models]
     betas = [(b, True) for b in args.beta_sweep]
     if args.beta_vae is not None and args.beta_vae not in args.beta_sweep:
         betas.append((args.beta_vae, False))
     for beta, swept in betas:
-        config = train.Config(model=BETA_VAE_MODEL, beta=beta, experiment_name=f'beta_vae_{beta:g}',
+        config = Config(model=BETA_VAE_MODEL, beta=beta, experiment_name=f'beta_vae_{beta:g}',
                               **base)
         same = [run for run in out if dataclasses.replace(run[1], experiment_name='') ==
                 dataclasses.replace(config, experiment_name='')]
@@ -145,24 +128,25 @@ def markdown_table(rows, columns=COLUMNS):
     return '\n'.join(lines) + '\n'
 
 
-def samples_figure(path, rows):
-    """Sample grids in rows (one per prior) of columns (one per run), each under its label.
+def samples_figure(path, runs, columns):
+    """One labelled row per run, one column per prior: each cell a run's 10x10 grid of samples.
 
-    rows: lists of (label, path of a grid PNG), all of one length.
+    runs: (label, [path of a grid PNG per column]); columns: the column titles.
     """
-    label_height, gap = 24, 8
-    grids = [[np.asarray(Image.open(p).convert('RGB')) for _, p in row] for row in rows]
-    h = max(g.shape[0] for row in grids for g in row) + label_height
-    widths = [max(g.shape[1] for g in column) for column in zip(*grids)]
-    canvas = Image.new('RGB', (sum(widths) + gap * (len(widths) - 1),
-                               len(rows) * h + gap * (len(rows) - 1)), 'white')
+    label_width, title_height, gap = 150, 22, 8
+    grids = [[np.asarray(Image.open(p).convert('RGB')) for p in paths] for _, paths in runs]
+    h = max(g.shape[0] for row in grids for g in row)
+    w = max(g.shape[1] for row in grids for g in row)
+    canvas = Image.new('RGB', (label_width + len(columns) * (w + gap),
+                               title_height + len(runs) * (h + gap)), 'white')
     draw = ImageDraw.Draw(canvas)
-    for r, (row, row_grids) in enumerate(zip(rows, grids)):
-        x, y = 0, r * (h + gap)
-        for (label, _), grid, w in zip(row, row_grids, widths):
-            draw.text((x + 4, y + 5), label, fill='black')
-            canvas.paste(Image.fromarray(grid), (x, y + label_height))
-            x += w + gap
+    for k, title in enumerate(columns):
+        draw.text((label_width + k * (w + gap) + 4, 5), title, fill='black')
+    for r, ((label, _), row) in enumerate(zip(runs, grids)):
+        y = title_height + r * (h + gap)
+        draw.text((4, y + h // 2 - 6), label, fill='black')
+        for k, grid in enumerate(row):
+            canvas.paste(Image.fromarray(grid), (label_width + k * (w + gap), y))
     utils.atomic_write(path, lambda tmp: canvas.save(tmp, format='PNG'))
 
 
@@ -221,13 +205,13 @@ def previous_evaluation(run_dir, args):
     for now (so that a comparison resumed after an interruption does not evaluate again), else
     None."""
     try:
-        with open(os.path.join(run_dir, 'evaluation.json')) as f:
+        with open(os.path.join(run_dir, run_folder.EVALUATION_FILE)) as f:
             result = json.load(f)
     except (OSError, ValueError):
         return None
-    complete = utils.CheckpointFolder(os.path.join(run_dir, 'checkpoints')).complete
+    complete = run_folder.CheckpointFolder(run_folder.checkpoint_dir(run_dir)).complete
     settings = evaluate.evaluation_settings(args.iw_samples, args.iw_images, args.fid_samples,
-                                            args.features, evaluate.PRIORS, args.components)
+                                            args.features, PRIORS, args.components)
     if not isinstance(result, dict) or result.get('settings') != settings or \
             result.get('step') != (complete[-1] if complete else None):
         return None
@@ -259,17 +243,16 @@ def write_outputs(args, results):
                  'sigma per image or per value):\n\n'
                  + markdown_table(by_beta, SWEEP_COLUMNS))
     utils.write_text(os.path.join(out, 'results.md'), text)
-    normal, gmm, curves = [], [], []
+    figure_rows, curves = [], []
     for r in results:
         run_dir = r['run']
-        grid = os.path.join(run_dir, 'images', evaluate.EVALUATED + '{}_' + f"{r['step']:08d}.png")
-        normal.append((f"{r['name']}, N(0,I)", grid.format(evaluate.PRIORS['normal'])))
-        gmm.append((f"{r['name']}, GMM", grid.format(evaluate.PRIORS['gmm'])))
-        rows = [row for row in utils.read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
-                if 'test_bits_per_dim' in row]
+        grid = os.path.join(run_dir, run_folder.IMAGES, evaluate.EVALUATED + '{}_' + f"{r['step']:08d}.png")
+        figure_rows.append((r['name'], [grid.format(PRIORS[p]) for p in PRIORS]))
+        rows = [row for row in run_folder.read_metrics(run_dir) if 'test_bits_per_dim' in row]
         curves.append((r['name'], [row['step'] for row in rows],
                        [row['test_bits_per_dim'] for row in rows]))
-    samples_figure(os.path.join(out, 'samples.png'), [normal, gmm])
+    samples_figure(os.path.join(out, 'samples.png'), figure_rows,
+                   ['prior N(0, I)', f'mixture prior ({args.components} components)'])
     bits_per_dim_plot(os.path.join(out, 'bits_per_dim.png'), curves, title)
     if swept:
         sweep_figures(out, results, title)
@@ -346,16 +329,7 @@ def _finish(fig, ax, xlabel, ylabel, title, path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        compare(args)
-    except UsageError as e:
-        print(f'compare.py: error: {e}', file=sys.stderr)
-        return 1 if isinstance(e, train.RunFailed) else 2
-    except SystemExit:  # a run was interrupted (130, 143) and saved
-        train.ignore_interrupts()
-        raise
-    return 0
+    return utils.run_command('compare.py', parse_args, compare, argv)
 
 
 if __name__ == '__main__':

@@ -10,18 +10,16 @@ training split (prior_gmm.npz, fitted here when missing or stale; generate.py
 samples it too). Writes <run>/evaluation.json and, with --export, the N samples
 as samples.npz and PNGs.
 """
-import argparse
-import contextlib
-import json
-import math
-import os
-import sys
-import time
-import warnings
-import zipfile
+import utils  # first: from here on a Ctrl-C ends the command in one line
+utils.start()  # TensorFlow, quietly
 
-import utils  # first: TensorFlow starts quietly; Ctrl-C ends the command in one line
-utils.start(__name__)
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -29,20 +27,15 @@ import keras  # noqa: E402
 
 import data  # noqa: E402
 import losses  # noqa: E402
-import train  # noqa: E402
+import models  # noqa: E402
+import run_folder  # noqa: E402
+from run_folder import PRIORS  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 FEATURE_EXTRACTORS = ('domain', 'inception', 'none')
 CLASSIFIER_EPOCHS = 3
 INCEPTION_SIZE = 299
-# N(0, I), or the Gaussian mixture fitted to the encoder means (prior_gmm.npz), and the
-# suffix of their FID keys and exported files.
-PRIORS = {'normal': '', 'gmm': '_gmm'}
 EVALUATED = 'evaluated_samples'  # images/<this><prior suffix>_<step>.png: a grid of each prior's samples
-GMM_FILE = 'prior_gmm.npz'
-GMM_COMPONENTS = 10
-BATCH = 500  # images per encoder or decoder call
-PROGRESS_MIN = 5000  # images from which a progress bar is shown
 
 
 # ---- the Frechet distance ---------------------------------------------------
@@ -117,7 +110,10 @@ def domain_features(splits, config, cache_dir):
         model.compile(keras.optimizers.Adam(1e-3),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         print(f'training the domain feature classifier ({CLASSIFIER_EPOCHS} epochs), cached as {path}')
-        model.fit(train_x, train_y, batch_size=128, epochs=CLASSIFIER_EPOCHS, verbose=2)
+        epoch_line = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: print(
+            f"classifier epoch {epoch + 1}/{CLASSIFIER_EPOCHS}: loss {logs['loss']:.4f}", flush=True))
+        model.fit(train_x, train_y, batch_size=128, epochs=CLASSIFIER_EPOCHS, verbose=0,
+                  callbacks=[epoch_line])
         os.makedirs(cache_dir, exist_ok=True)
         utils.atomic_write(path, model.save)
     accuracy = float(np.mean(np.argmax(model.predict(test_x, 1024, verbose=0), -1) == test_y))
@@ -163,7 +159,7 @@ def importance_weighted_nll(vae, test_ds, num_samples, max_images=None, seed=0):
         mu, log_var = vae.encoder(x, training=False)
         b = tf.shape(x)[0]
         eps = tf.random.stateless_normal((num_samples, b, z_dim), seed=seed)
-        z = tf.reshape(mu + tf.exp(0.5 * log_var) * eps, (-1, z_dim))
+        z = tf.reshape(models.reparameterize(mu, log_var, eps), (-1, z_dim))
         params = vae.decoder(z, training=False)
         repeat = lambda t: tf.reshape(tf.tile(t[None], [num_samples] + [1] * len(t.shape)),
                                       (-1,) + tuple(t.shape[1:]))
@@ -186,145 +182,6 @@ def importance_weighted_nll(vae, test_ds, num_samples, max_images=None, seed=0):
         seen += int(x.shape[0])
     nll, discrete = total / seen
     return nll, discrete, seen
-
-
-# ---- the priors: N(0, I) and the ex-post Gaussian mixture -----------------------
-
-def decode_images(vae, z, data_range, desc='decoding'):
-    """z (N, Z) -> the decoder means as uint8 (N, S, S, C), in batches of BATCH (a progress
-    bar when N is large)."""
-    batches = range(0, len(z), BATCH)
-    out = [vae.decode(z[i:i + BATCH]) for i in utils.progress(
-        batches, len(z) >= PROGRESS_MIN, desc=desc, unit='batch', leave=False)]
-    return data.to_uint8(np.concatenate(out), data_range)
-
-
-def prior_z(n, z_dim, seed=0, gmm=None):
-    """n latent codes (n, z_dim), float32, fixed by seed: z ~ N(0, I), or from the Gaussian
-    mixture `gmm` (a dict of `fit_gmm`'s arrays) when it is given."""
-    if gmm is not None:
-        return sample_gmm(gmm, n, seed).astype(np.float32)
-    return tf.random.stateless_normal((n, z_dim), seed=[seed, 2]).numpy()
-
-
-def prior_samples(vae, config, n, seed=0, gmm=None):
-    """n decoded samples of the prior (N(0, I), or the mixture `gmm`) as uint8 (fixed seed)."""
-    return decode_images(vae, prior_z(n, config.z_dim, seed, gmm), config.data_range,
-                         'sampling the ' + ('mixture' if gmm is not None else 'normal') + ' prior')
-
-
-def fit_gmm(means, components, seed=0):
-    """A Gaussian mixture with full covariances fitted by EM (scikit-learn) to means (N, Z).
-
-    Returns plain arrays: weights (K,), means (K, Z), covariances (K, Z, Z), and how the
-    fit went (converged, n_iter).
-    """
-    from sklearn.mixture import GaussianMixture  # only the fit needs scikit-learn
-    from threadpoolctl import threadpool_limits
-    if not 1 <= components <= len(means):
-        raise UsageError(f'--components must be between 1 and the number of means '
-                         f'({len(means)}), got {components}')
-    mixture = GaussianMixture(components, covariance_type='full', random_state=seed)
-    # EM's products are (N, Z) x (Z, Z): too thin for BLAS threads, which made the fit of
-    # 60,000 20-d means 3-4 times slower on 2 busy cores (16 s against 4 s on one thread).
-    with warnings.catch_warnings(), threadpool_limits(1, user_api='blas'):
-        warnings.simplefilter('ignore')  # non-convergence is reported in the result instead
-        mixture.fit(np.asarray(means, np.float64))
-    return {'weights': mixture.weights_, 'means': mixture.means_,
-            'covariances': mixture.covariances_, 'converged': np.array(mixture.converged_),
-            'n_iter': np.array(mixture.n_iter_)}
-
-
-def sample_gmm(gmm, n, seed=0):
-    """n draws (n, Z), float64, from a mixture of `fit_gmm`'s arrays, fixed by seed (NumPy):
-    a component k by its weight, then means[k] + L_k eps with L_k L_k^T = covariances[k]."""
-    rng = np.random.default_rng(seed)
-    weights = np.asarray(gmm['weights'], np.float64)
-    k = rng.choice(len(weights), size=n, p=weights / weights.sum())
-    eps = rng.standard_normal((n, gmm['means'].shape[1]))
-    cholesky = np.linalg.cholesky(gmm['covariances'])
-    return gmm['means'][k] + np.einsum('nij,nj->ni', cholesky[k], eps)
-
-
-def encode_images(vae, images, num_images, config):
-    """mu and log_var (N, Z), float32, of uint8 images (an unbatched tf.data set of num_images
-    or an array), in evaluation mode, in batches of BATCH (a progress bar when N is large)."""
-    if isinstance(images, np.ndarray):
-        images = tf.data.Dataset.from_tensor_slices(images)
-    encode = tf.function(lambda x: vae.encoder(x, training=False), reduce_retracing=True)
-    batches = data.make_pipeline(images, config.image_size, BATCH, drop_remainder=False,
-                                 data_range=config.data_range)
-    out = [[t.numpy() for t in encode(x)] for x in utils.progress(
-        batches, desc='encoding', unit='batch', total=math.ceil(num_images / BATCH), leave=False,
-        show=num_images >= PROGRESS_MIN)]
-    return tuple(np.concatenate(t) for t in zip(*out))
-
-
-def fit_prior(run_dir, config, vae, state, components=GMM_COMPONENTS, why=None):
-    """Fits the ex-post prior (Ghosh et al. 2020): a Gaussian mixture over the encoder means
-    of the whole training split; saves it as <run_dir>/prior_gmm.npz (plain arrays, with
-    the checkpoint step it belongs to), says so on one line (ending with `why`, if given)
-    and returns it."""
-    path = os.path.join(run_dir, GMM_FILE)
-    start = time.time()
-    splits = state.splits
-    means, _ = encode_images(vae, splits.train, splits.num_train, config)
-    encoded = time.time()
-    gmm = fit_gmm(means, components, config.seed)
-    fitted = time.time()
-    gmm.update(step=np.array(int(state.step.numpy())), components=np.array(components),
-               seed=np.array(config.seed), num_means=np.array(len(means)),
-               fit_seconds=np.array(fitted - encoded))
-    try:
-        utils.save_npz(path, **gmm)
-    except OSError as e:
-        raise UsageError(f'cannot write {path}: {e.strerror}') from None
-    print(f'fitted a {components}-component Gaussian mixture (full covariances) to the '
-          f'{len(means)} encoder means of the training split in {fitted - encoded:.1f} s '
-          f"({gmm['n_iter']} EM iterations{'' if gmm['converged'] else ', not converged'}; "
-          f'encoding took {encoded - start:.1f} s): {path}' + (f', as {why}' if why else ''),
-          flush=True)
-    return gmm
-
-
-def read_prior(path):
-    """The arrays of a prior_gmm.npz; ValueError if they are not a mixture's."""
-    with np.load(path, allow_pickle=False) as f:
-        gmm = {k: f[k] for k in f.files}
-    missing = {'weights', 'means', 'covariances', 'step', 'components'} - set(gmm)
-    if missing:
-        raise ValueError(f"no {', '.join(sorted(missing))}")
-    k, z_dim = gmm['means'].shape
-    if gmm['weights'].shape != (k,) or gmm['covariances'].shape != (k, z_dim, z_dim):
-        raise ValueError('the arrays do not fit together')
-    return gmm
-
-
-def load_prior(run_dir, config, vae, state, components=None):
-    """The run's ex-post prior, fitted now (saying why on one line) if there is none, if it
-    belongs to an older checkpoint than the run's newest, or if it has another number of
-    components than `components` (None: any; GMM_COMPONENTS when it is fitted now)."""
-    try:
-        gmm = read_prior(os.path.join(run_dir, GMM_FILE))
-        reason = _why_refit(gmm, int(state.step.numpy()), components, config.z_dim)
-    except FileNotFoundError:
-        gmm, reason = None, 'the run had none'
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        gmm, reason = None, f'the stored one cannot be read ({e})'
-    if reason is None:
-        return gmm
-    return fit_prior(run_dir, config, vae, state, components or GMM_COMPONENTS, reason)
-
-
-def _why_refit(gmm, step, components, z_dim):
-    """Why a stored mixture cannot serve the checkpoint of `step`, or None."""
-    if int(gmm['step']) != step:
-        return f"the stored one was fitted at step {int(gmm['step'])} and the checkpoint is at step {step}"
-    if components and int(gmm['components']) != components:
-        return f"the stored one has {int(gmm['components'])} components, not {components}"
-    if gmm['means'].shape[1] != z_dim:
-        return f"the stored one is not of this run's z_dim {z_dim}"
-    return None
 
 
 def active_units(means, threshold=0.01):
@@ -356,7 +213,7 @@ def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, fe
     with contextlib.ExitStack() as stack:
         stack.enter_context(utils.private_tempdir())
         if export and os.path.isdir(run_dir):  # it writes into the run folder: one writer
-            stack.enter_context(utils.FolderLock(run_dir, 'evaluate.py --export'))
+            stack.enter_context(run_folder.FolderLock(run_dir, 'evaluate.py --export'))
         return _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features,
                              inception_weights, export, feature_cache, priors, components)
 
@@ -371,7 +228,7 @@ def evaluation_settings(iw_samples, iw_images, fid_samples, features, priors, co
 def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, inception_weights,
                   export, feature_cache, priors, components):
     start = time.time()
-    config, vae, state = train.load_model(run_dir)
+    config, vae, state = run_folder.load_model(run_dir)
     splits = state.splits
     test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
                                  drop_remainder=False, data_range=config.data_range)
@@ -380,7 +237,7 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
               'train_seconds': round(float(state.train_seconds.numpy()), 1),
               'settings': evaluation_settings(iw_samples, iw_images, fid_samples, features,
                                               priors, components)}
-    evaluator = train.Evaluator(vae, config)
+    evaluator = models.Evaluator(vae, config.beta, config.seed)
     result.update(evaluator(test_ds))
     nll, discrete, seen = importance_weighted_nll(vae, test_ds, iw_samples, iw_images, config.seed)
     result.update({
@@ -389,7 +246,7 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
         'iw_nll_discrete': discrete,
         'iw_bits_per_dim_discrete': losses.bits_per_dim(discrete, evaluator.num_values, 0.0),
         'iw_samples': iw_samples, 'iw_images': seen})
-    means, _ = encode_images(vae, splits.test, splits.num_test, config)
+    means, _ = run_folder.encode_images(vae, splits.test, splits.num_test, config)
     result['active_units'] = active_units(means)
     result['effective_beta'] = vae.likelihood.effective_beta(
         config.beta, result['test_log_sigma'], evaluator.num_values, config.z_dim)
@@ -400,14 +257,16 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
               file=sys.stderr)
     samples = {}
     for prior in priors:
-        gmm = load_prior(run_dir, config, vae, state, components) if prior == 'gmm' else None
-        samples[prior] = prior_samples(vae, config, n, config.seed, gmm)
+        gmm = (run_folder.load_prior(run_dir, config, vae, state, components) if prior == 'gmm'
+               else None)
+        samples[prior] = run_folder.prior_samples(vae, config, n, gmm=gmm)
         if gmm is not None:
             result['gmm_components'] = int(gmm['components'])
         # A 10x10 grid of what the FID sees (the grids training writes use its moving batch norm
         # statistics); compare.py shows them.
-        utils.save_png(os.path.join(run_dir, 'images', f"{EVALUATED}{PRIORS[prior]}_{result['step']:08d}.png"),
-                       utils.image_grid(samples[prior][:train.NUM_SAMPLES], 10, 10))
+        utils.save_png(os.path.join(run_dir, run_folder.IMAGES,
+                                    f"{EVALUATED}{PRIORS[prior]}_{result['step']:08d}.png"),
+                       utils.image_grid(samples[prior][:run_folder.NUM_SAMPLES], 10, 10))
         if export:
             result['export' + PRIORS[prior]] = export_samples(
                 run_dir, samples[prior], config.data_range, 'samples' + PRIORS[prior])
@@ -415,7 +274,7 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
         result.update(fid(splits, config, samples, features, inception_weights,
                           feature_cache))
     result['eval_seconds'] = round(time.time() - start, 1)
-    utils.write_text(os.path.join(run_dir, 'evaluation.json'), json.dumps(result, indent=2) + '\n')
+    utils.write_text(os.path.join(run_dir, run_folder.EVALUATION_FILE), json.dumps(result, indent=2) + '\n')
     return result
 
 
@@ -446,17 +305,27 @@ def fid(splits, config, samples, features, inception_weights=None, feature_cache
         'fid_samples': n, **info}
 
 
-def make_parser():
-    p = utils.ArgumentParser(prog='evaluate.py', description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--run', required=True, help='the run folder, e.g. output/sigma')
-    p.add_argument('--iw_samples', type=int, default=1000, help='K, importance samples per image')
-    p.add_argument('--iw_images', type=int, default=None,
+def add_evaluation_flags(p, components=None):
+    """The flags of an evaluation (evaluate.py's, and compare.py's for each run)."""
+    p.add_argument('--iw_samples', type=utils.positive(), default=1000,
+                   help='K, importance samples per image')
+    p.add_argument('--iw_images', type=utils.positive(), default=None,
                    help='test images for the IW estimate (None: the whole test split)')
-    p.add_argument('--fid_samples', type=int, default=10000,
-                   help='N, prior samples and test images for the FID')
+    p.add_argument('--fid_samples', type=utils.positive(minimum=2), default=10000,
+                   help='N, prior samples and test images for the FID (at least 2: a covariance '
+                        'needs two samples)')
     p.add_argument('--features', choices=FEATURE_EXTRACTORS, default='domain',
                    help="FID features: a classifier of the data set's labels, or InceptionV3")
+    p.add_argument('--components', type=utils.positive(), default=components,
+                   help='components of the mixture prior; refit if the stored one has another '
+                        f'number (None: the stored one, or {run_folder.GMM_COMPONENTS} for a new fit)')
+
+
+def make_parser():
+    p = utils.ArgumentParser(prog='evaluate.py', description=__doc__.splitlines()[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--run', required=True, help='the run folder, e.g. output/sigma')
+    add_evaluation_flags(p)
     p.add_argument('--inception_weights', default=None,
                    help='InceptionV3 no-top weights file (.h5); default: Keras downloads them')
     p.add_argument('--export', action='store_true',
@@ -465,24 +334,13 @@ def make_parser():
     p.add_argument('--prior', default=','.join(PRIORS),
                    help='comma-separated priors whose samples get an FID: normal (N(0, I)), gmm '
                         '(the Gaussian mixture of prior_gmm.npz, fitted first if missing or stale)')
-    p.add_argument('--components', type=int, default=None,
-                   help='components of the mixture prior; refit if the stored one has another '
-                        f'number (None: the stored one, or {GMM_COMPONENTS} for a new fit)')
     return p
 
 
 def parse_args(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
-    for name in ('iw_samples', 'iw_images', 'fid_samples'):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error(f'--{name} must be positive, got {value}')
-    if args.fid_samples < 2:
-        parser.error('--fid_samples must be at least 2 (a covariance needs two samples)')
     args.prior = parse_priors(args.prior, parser)
-    if args.components is not None and args.components <= 0:
-        parser.error(f'--components must be positive, got {args.components}')
     if not args.run.strip():
         parser.error('--run must name a run folder, got an empty string')
     return args
@@ -501,17 +359,14 @@ def print_table(result):
         print(f'{key:28s} {value:.6g}' if isinstance(value, float) else f'{key:28s} {value}')
 
 
+def evaluate_command(args):
+    print_table(evaluate_run(args.run, args.iw_samples, args.iw_images, args.fid_samples,
+                             args.features, args.inception_weights, args.export,
+                             priors=args.prior, components=args.components))
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        result = evaluate_run(args.run, args.iw_samples, args.iw_images, args.fid_samples,
-                              args.features, args.inception_weights, args.export,
-                              priors=args.prior, components=args.components)
-    except UsageError as e:
-        print(f'evaluate.py: error: {e}', file=sys.stderr)
-        return 2
-    print_table(result)
-    return 0
+    return utils.run_command('evaluate.py', parse_args, evaluate_command, argv)
 
 
 if __name__ == '__main__':

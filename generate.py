@@ -12,21 +12,20 @@ Images are written as --out FILE.png (a grid), FILE.npz (uint8 arrays) or a fold
 PNG each). Everything is computed in batches from the run's newest checkpoint and is the
 same for the same --seed.
 """
-import argparse
-import os
-import shutil
-import sys
+import utils  # first: from here on a Ctrl-C ends the command in one line
+utils.start()  # TensorFlow, quietly
 
-import utils  # first: TensorFlow starts quietly; Ctrl-C ends the command in one line
-utils.start(__name__)
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 import data  # noqa: E402
-import evaluate  # noqa: E402
-import train  # noqa: E402
+import run_folder  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 IMAGE_OUTPUTS = ('.png', '.npz', 'folder')
@@ -35,17 +34,34 @@ GRID_COLUMNS = 10  # images per row of a .png grid (5 input-reconstruction pairs
 
 # ---- where the images come from and where they go -------------------------------
 
-def read_images(source, config, state, n=None):
-    """uint8 (N, S, S, C) images at the run's size and channels, and their names: the
-    files of a folder (or one file), or the run's test split for 'test'; the first n."""
-    if source != 'test':
-        images, names = data.read_images(source, config.image_size, config.channels)
+def read_images(args, config, state, n=None):
+    """uint8 (N, S, S, C) images at the run's size and channels, and their names: those of
+    --test_images (indices of the run's test split), or of --images: the files of a folder (or
+    one file), or the run's test split for 'test'; the first n."""
+    if args.test_images is not None:
+        return test_images(args.test_images, config, state)
+    if args.images is None:
+        raise UsageError('give --images (a folder, a file or test) or --test_images (indices)')
+    if args.images != 'test':
+        images, names = data.read_images(args.images, config.image_size, config.channels)
         return images[:n], names[:n]
-    test = state.splits.test.take(n) if n else state.splits.test
+    count = min(n, state.splits.num_test) if n else state.splits.num_test
+    return test_images(range(count), config, state)
+
+
+def test_images(indices, config, state):
+    """The test split's images at these indices (uint8, through the run's resize) and their
+    names test:<index>."""
+    indices = list(indices)
+    bad = [i for i in indices if not 0 <= i < state.splits.num_test]
+    if bad:
+        raise UsageError(f'--test_images must be between 0 and {state.splits.num_test - 1} (the '
+                         f'test split has {state.splits.num_test} images), got {bad[0]}')
     # Through the run's resize; on [0, 1] the round trip to uint8 is exact.
     images = np.concatenate([data.to_uint8(b, '0,1') for b in data.make_pipeline(
-        test, config.image_size, evaluate.BATCH, drop_remainder=False, data_range='0,1')])
-    return images, [f'test:{i}' for i in range(len(images))]
+        state.splits.test.take(max(indices) + 1), config.image_size, run_folder.BATCH,
+        drop_remainder=False, data_range='0,1')])
+    return images[indices], [f'test:{i}' for i in indices]
 
 
 def read_image(path, config, flag):
@@ -92,31 +108,34 @@ def write_output(path, kind, tiles, columns, **arrays):
 
 
 def decode(vae, z, config):
-    return evaluate.decode_images(vae, np.asarray(z, np.float32), config.data_range)
+    return run_folder.decode_images(vae, z, config.data_range)
 
 
 def encode(vae, images, config):
-    return evaluate.encode_images(vae, images, len(images), config)
+    return run_folder.encode_images(vae, images, len(images), config)
 
 
 # ---- the sub-commands -----------------------------------------------------------
 
 def sample(args):
-    config, vae, state = train.load_model(args.run)
+    config, vae, state = run_folder.load_model(args.run)
     kind = output_kind(args.out)
-    gmm = (evaluate.load_prior(args.run, config, vae, state, args.components)
+    gmm = (run_folder.load_prior(args.run, config, vae, state, args.components)
            if args.prior == 'gmm' else None)
-    images = evaluate.prior_samples(vae, config, args.n, args.seed, gmm)
+    images = run_folder.prior_samples(vae, config, args.n, args.seed, gmm)
     write_output(args.out, kind, images, GRID_COLUMNS, images=images, prior=np.array(args.prior))
 
 
 def reconstruct(args):
-    config, vae, state = train.load_model(args.run)
-    inputs, names = read_images(args.images, config, state, args.n)
+    config, vae, state = run_folder.load_model(args.run)
+    inputs, names = read_images(args, config, state, args.n)
     kind = output_kind(args.out)
     reconstructions = decode(vae, encode(vae, inputs, config)[0], config)
-    pairs = np.concatenate([inputs, reconstructions], axis=2)  # each input left of its own
-    write_output(args.out, kind, pairs, GRID_COLUMNS // 2, inputs=inputs,
+    if args.plain:
+        tiles, columns = reconstructions, GRID_COLUMNS
+    else:  # each input left of its own reconstruction
+        tiles, columns = np.concatenate([inputs, reconstructions], axis=2), GRID_COLUMNS // 2
+    write_output(args.out, kind, tiles, columns, inputs=inputs,
                  reconstructions=reconstructions, names=np.array(names))
 
 
@@ -131,8 +150,15 @@ def slerp(a, b, t):
 
 
 def interpolate(args):
-    config, vae, _ = train.load_model(args.run)
-    images = np.stack([read_image(args.a, config, '--a'), read_image(args.b, config, '--b')])
+    config, vae, state = run_folder.load_model(args.run)
+    if args.test_images is not None:
+        if len(args.test_images) != 2:
+            raise UsageError(f'--test_images must give two indices, got {len(args.test_images)}')
+        images = test_images(args.test_images, config, state)[0]
+    elif args.a is not None and args.b is not None:
+        images = np.stack([read_image(args.a, config, '--a'), read_image(args.b, config, '--b')])
+    else:
+        raise UsageError('give two images: --a FILE --b FILE, or --test_images I,J')
     kind = output_kind(args.out)
     a, b = encode(vae, images, config)[0].astype(np.float64)
     t = np.linspace(0.0, 1.0, args.steps)
@@ -145,7 +171,7 @@ def interpolate(args):
 
 
 def traverse(args):
-    config, vae, _ = train.load_model(args.run)
+    config, vae, _ = run_folder.load_model(args.run)
     dims = list(range(config.z_dim)) if args.dims is None else args.dims
     bad = [d for d in dims if not 0 <= d < config.z_dim]
     if bad:
@@ -154,7 +180,7 @@ def traverse(args):
     image = read_image(args.image, config, '--image') if args.image else None
     kind = output_kind(args.out)
     if image is None:
-        z0 = evaluate.prior_z(1, config.z_dim, args.seed)[0]
+        z0 = run_folder.prior_z(1, config.z_dim, args.seed)[0]
     else:
         z0 = encode(vae, image[None], config)[0][0]
     values = np.linspace(-args.range, args.range, args.steps)
@@ -167,16 +193,16 @@ def traverse(args):
 
 
 def encode_command(args):
-    config, vae, state = train.load_model(args.run)
-    images, names = read_images(args.images, config, state, args.n)
+    config, vae, state = run_folder.load_model(args.run)
+    images, names = read_images(args, config, state, args.n)
     output_kind(args.out, ('.npz',))
     mu, log_var = encode(vae, images, config)
     write_output(args.out, '.npz', None, 0, mu=mu, log_var=log_var, names=np.array(names))
 
 
 def fit_prior(args):
-    config, vae, state = train.load_model(args.run)
-    evaluate.fit_prior(args.run, config, vae, state, args.components)
+    config, vae, state = run_folder.load_model(args.run)
+    run_folder.fit_prior(args.run, config, vae, state, args.components)
 
 
 def saved_model(vae, config):
@@ -209,7 +235,7 @@ def saved_model(vae, config):
 
 
 def export(args):
-    config, vae, _ = train.load_model(args.run)
+    config, vae, _ = run_folder.load_model(args.run)
     out = os.path.normpath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out '{args.out}' is a file, not a folder")
@@ -237,38 +263,19 @@ def export(args):
 
 # ---- the command line ------------------------------------------------------------
 
-def positive_int(text):
+POSITIVE = utils.positive()
+AT_LEAST_TWO = utils.positive(minimum=2)
+
+
+def int_list(text):
+    """'3,17' -> [3, 17]: comma-separated integers, at least one."""
     try:
-        value = int(text)
+        values = [int(d) for d in text.split(',') if d.strip()]
     except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
-    return value
-
-
-def at_least_two(text):
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got '{text}'")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = float('nan')
-    if not 0 < value < float('inf'):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'")
-    return value
-
-
-def dim_list(text):
-    try:
-        return [int(d) for d in text.split(',') if d.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
+    return values
 
 
 def make_parser():
@@ -287,53 +294,61 @@ def make_parser():
     def out(c, what='FILE.png (a grid), FILE.npz or a folder (one PNG per image)'):
         c.add_argument('--out', required=True, help=what)
 
+    def images(c):
+        c.add_argument('--images', default=None,
+                       help="a folder of PNG/JPEG files (or one file), or 'test': the run's test split")
+        c.add_argument('--test_images', type=int_list, default=None, metavar='I,J,...',
+                       help="instead of --images: images of the run's test split, by index")
+
     seed_help = 'seed of the prior samples; the same seed gives the same images'
     components_help = ('components of the mixture prior; refit if the stored one has another '
-                       f'number (None: the stored one, or {evaluate.GMM_COMPONENTS} for a new fit)')
+                       f'number (None: the stored one, or {run_folder.GMM_COMPONENTS} for a new fit)')
 
     c = command('sample', sample, 'N images from the prior')
-    c.add_argument('--n', type=positive_int, default=100, help='number of images')
+    c.add_argument('--n', type=POSITIVE, default=100, help='number of images')
     out(c, "FILE.png (a grid), FILE.npz (uint8 N x H x W x C, key 'images') or a folder")
-    c.add_argument('--prior', choices=list(evaluate.PRIORS), default='normal',
+    c.add_argument('--prior', choices=list(run_folder.PRIORS), default='normal',
                    help='normal: N(0, I); gmm: the Gaussian mixture fitted to the encoder means of '
                         'the training split (prior_gmm.npz, fitted first if missing or stale)')
-    c.add_argument('--components', type=positive_int, default=None, help=components_help)
+    c.add_argument('--components', type=POSITIVE, default=None, help=components_help)
     c.add_argument('--seed', type=int, default=0, help=seed_help)
 
     c = command('reconstruct', reconstruct, 'images beside their reconstructions (z = mu)')
-    c.add_argument('--images', required=True,
-                   help="a folder of PNG/JPEG files (or one file), or 'test': the run's test split")
-    c.add_argument('--n', type=positive_int, default=50, help='at most this many images')
+    images(c)
+    c.add_argument('--n', type=POSITIVE, default=50, help='at most this many images')
+    c.add_argument('--plain', action='store_true',
+                   help='the reconstructions alone, not each beside its input')
     out(c)
 
     c = command('interpolate', interpolate,
                 'linear and spherical interpolation between the encodings (mu) of two images')
-    c.add_argument('--a', required=True, help='the first image file')
-    c.add_argument('--b', required=True, help='the second image file')
-    c.add_argument('--steps', type=at_least_two, default=10,
+    c.add_argument('--a', help='the first image file')
+    c.add_argument('--b', help='the second image file')
+    c.add_argument('--test_images', type=int_list, default=None, metavar='I,J',
+                   help="instead of --a and --b: two images of the run's test split, by index")
+    c.add_argument('--steps', type=AT_LEAST_TWO, default=10,
                    help='K decoded points from a to b, both ends included')
     out(c, 'FILE.png: two strips (linear, spherical), each a, K steps, b; or FILE.npz or a folder')
 
     c = command('traverse', traverse, 'one latent dimension at a time around a seed z')
-    c.add_argument('--dims', type=dim_list, default=None,
+    c.add_argument('--dims', type=int_list, default=None,
                    help='comma-separated latent dimensions, one row each (None: all)')
-    c.add_argument('--range', type=positive_float, default=3.0,
+    c.add_argument('--range', type=utils.positive(float), default=3.0,
                    help='each dimension takes --steps values from -range to +range')
-    c.add_argument('--steps', type=at_least_two, default=9, help='values per dimension')
+    c.add_argument('--steps', type=AT_LEAST_TWO, default=9, help='values per dimension')
     c.add_argument('--image', default=None,
                    help="the seed z is this image's encoding (mu) (None: z ~ N(0, I) by --seed)")
     c.add_argument('--seed', type=int, default=0, help=seed_help)
     out(c)
 
     c = command('encode', encode_command, 'mu and log sigma^2 of the encoder for each image')
-    c.add_argument('--images', required=True,
-                   help="a folder of PNG/JPEG files (or one file), or 'test': the run's test split")
-    c.add_argument('--n', type=positive_int, default=None, help='at most this many images (None: all)')
+    images(c)
+    c.add_argument('--n', type=POSITIVE, default=None, help='at most this many images (None: all)')
     out(c, "FILE.npz: mu and log_var (N x Z, float32) and the images' names")
 
     c = command('fit_prior', fit_prior, 'fit the Gaussian mixture prior to the encoder means of the '
                                         'training split (saved as <run>/prior_gmm.npz)')
-    c.add_argument('--components', type=positive_int, default=evaluate.GMM_COMPONENTS,
+    c.add_argument('--components', type=POSITIVE, default=run_folder.GMM_COMPONENTS,
                    help='mixture components (full covariances)')
 
     c = command('export', export, 'a TensorFlow SavedModel with the signatures decode, encode, sample')
@@ -342,13 +357,7 @@ def make_parser():
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
-    try:
-        args.function(args)
-    except UsageError as e:
-        print(f'generate.py: error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    return utils.run_command('generate.py', make_parser().parse_args, lambda args: args.function(args), argv)
 
 
 if __name__ == '__main__':

@@ -176,6 +176,23 @@ def log_bin_mass(log_cdf, lower, upper, first, last):
     return tf.where(first, log_cdf(upper), tf.where(last, log_cdf(-lower), inner))
 
 
+# ---- the metrics ---------------------------------------------------------------
+
+# The names of the metrics of training and test alike (per-image means; `summarize`).
+METRICS = ('loss', 'rec', 'kl', 'neg_elbo', 'bits_per_dim', 'log_sigma')
+
+
+def summarize(rec, kl, log_sigma, beta, num_values, log_scale):
+    """Per-image means (nats, on the data scale) -> {name: value} of METRICS.
+
+    rec = -log p(x|z), kl = KL(q(z|x) || p(z)); neg_elbo = rec + kl, loss = rec + beta kl,
+    bits_per_dim = neg_elbo in bits per value on the 0-255 scale (see bits_per_dim);
+    log_sigma is the likelihood's (the mean over values where sigma is predicted per value).
+    """
+    return {'loss': rec + beta * kl, 'rec': rec, 'kl': kl, 'neg_elbo': rec + kl,
+            'bits_per_dim': bits_per_dim(rec + kl, num_values, log_scale), 'log_sigma': log_sigma}
+
+
 # ---- the decoders -------------------------------------------------------------
 
 class Likelihood(keras.layers.Layer):

@@ -1,48 +1,108 @@
-"""Small helpers: a quiet TensorFlow start, errors and flag parsing for the CLIs, image
-grids, file writes that survive kills, JSON-lines reading that survives damage, and the lock
-of a run folder."""
-import argparse
-import contextlib
-import datetime
-import errno
-import fcntl
-import json
-import logging
+"""Small helpers: the commands' start and CLI skeleton (quiet TensorFlow, one-line errors,
+Ctrl-C), flag types, image grids, file writes that survive kills, a private temporary folder,
+and interrupts held off while a checkpoint is written."""
 import os
-import re
-import shutil
 import signal
-import socket
 import sys
-import tempfile
-import threading
-import time
-import unicodedata
-import uuid
-
-import numpy as np
-from PIL import Image
-
-
-VERBOSE = os.environ.get('SIGMA_VAE_VERBOSE', '') not in ('', '0')
-
 
 _STDERR = 2  # standard error's file descriptor, or its copy while quiet_tensorflow silences it
 
 
-def start(name):
-    """The first call of every command, `utils.start(__name__)`: TensorFlow is imported quietly
-    (quiet_tensorflow), and when the module runs as the command (name == '__main__'), Ctrl-C
-    ends it with one line and status 130 instead of a traceback, wherever nothing handles it
-    itself (training does: Interrupts). Importing TensorFlow alone takes seconds."""
-    if name == '__main__':
-        signal.signal(signal.SIGINT, _interrupted)
+def _prog():
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'python'
+
+
+def _exit_now(signum, frame):
+    """Ctrl-C while a command starts: nothing is written yet, so leave at once, whatever is
+    being imported (an exception raised inside NumPy's or TensorFlow's import can surface as
+    another error, or be swallowed)."""
+    os.write(_STDERR, f'{_prog()}: interrupted\n'.encode())
+    os._exit(128 + signum)
+
+
+def _is_command():
+    """Whether the program is one of this project's commands (train.py, evaluate.py, ...)."""
+    path = getattr(sys.modules.get('__main__'), '__file__', None)
+    return bool(path) and os.path.dirname(os.path.abspath(path)) == os.path.dirname(
+        os.path.abspath(__file__))
+
+
+# Before any heavy import: each command imports this module first, so from its first line on a
+# Ctrl-C ends it with one line and status 130 (run_command takes over once main() starts).
+if _is_command() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _exit_now)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import unicodedata  # noqa: E402
+import uuid  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+VERBOSE = os.environ.get('SIGMA_VAE_VERBOSE', '') not in ('', '0')
+
+
+def start():
+    """The second line of every command, after `import utils`: TensorFlow is imported quietly
+    (quiet_tensorflow). Importing it alone takes seconds; a Ctrl-C meanwhile ends the command
+    with one line (_exit_now)."""
     quiet_tensorflow()
 
 
+class UsageError(Exception):
+    """Bad input from the user: the CLI prints its message on one line, exit code 2."""
+
+
+class RunFailed(UsageError):
+    """The command stopped on a failure of the machine or of training, not of the input (exit
+    status 1): a loss that went non-finite, a checkpoint that could not be written."""
+
+
 def _interrupted(signum, frame):
-    os.write(_STDERR, f'{os.path.basename(sys.argv[0])}: interrupted\n'.encode())
+    os.write(_STDERR, f'{_prog()}: interrupted\n'.encode())
     raise SystemExit(128 + signum)
+
+
+def run_command(prog, parse_args, function, argv=None):
+    """The skeleton of every command's main(): parse the flags (a bad one: one line, status 2),
+    call function(args), and end any error in one line `<prog>: error: ...` with its status:
+    UsageError 2, RunFailed 1, OSError 1 (a full disk, say). From here on a Ctrl-C raises
+    SystemExit(130), so that a command's own cleanup runs (training saves its checkpoint: see
+    Interrupts); an interrupted command ignores further signals on its way out."""
+    if _is_command() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupted)
+    args = parse_args(argv)
+    try:
+        function(args)
+    except UsageError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 1 if isinstance(e, RunFailed) else 2
+    except OSError as e:
+        where = f'cannot write {e.filename}' if e.filename else 'a file could not be written'
+        print(f'{prog}: error: {where}: {e.strerror or e}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
+        return 130
+    except SystemExit:  # interrupted (130, 143): whatever had to be saved is saved
+        ignore_interrupts()
+        raise
+    return 0
+
+
+def ignore_interrupts():
+    """On the way out after an interrupt: a further Ctrl-C or SIGTERM (while TensorFlow shuts
+    down) must not turn the exit into a traceback and status -2."""
+    if threading.current_thread() is threading.main_thread():
+        for s in Interrupts.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 def quiet_tensorflow():
@@ -86,10 +146,6 @@ class quiet_logger:
         self.logger.setLevel(self.level)
 
 
-class UsageError(Exception):
-    """Bad input from the user: the CLI prints its message on one line, exit code 2."""
-
-
 def progress(iterable=None, show=True, **kwargs):
     """A tqdm progress bar, or none: when `show` is false, or when standard error is not a
     terminal (a log file or a pipe would get every redraw of the bar)."""
@@ -126,6 +182,32 @@ def check_name(name, flag):
             or any(c.isspace() or unicodedata.category(c).startswith('C') for c in name)):
         raise UsageError(f'{flag} must be a plain name (not a path, not starting with "-", '
                          f'without spaces or control characters), got {name!r}')
+
+
+def positive(cast=int, minimum=None):
+    """The argparse type of a finite number above 0 (or at least `minimum`): one check for every
+    such flag of every command. positive()(text) -> int; positive(float)(text) -> float. It also
+    takes a number, so that Config.check applies it to settings made in Python."""
+    kind = 'an integer' if cast is int else 'a number'
+    expected = f'{kind} of at least {minimum}' if minimum else f'a positive {kind.split()[-1]}'
+
+    def parse(text):
+        try:
+            value = cast(text)
+            ok = 0 < value < float('inf') and (minimum is None or value >= minimum)
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok or (cast is int and isinstance(text, float) and text != int(text)):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got '{text}'")
+        return value
+    return parse
+
+
+def error_reason(error):
+    """The first line of an exception's message, without TensorFlow's node prefix."""
+    text = re.sub(r'\{\{[^}]*\}\}\s*', '', str(error)).strip()
+    text = text.splitlines()[0] if text else ''
+    return f'{type(error).__name__}: {text[:200]}' if text else type(error).__name__
 
 
 def image_grid(images, rows, cols):
@@ -202,43 +284,6 @@ def write_text(path, text):
     atomic_write(path, write)
 
 
-def read_rows(path, key='step'):
-    """The rows of a JSON-lines file and its damaged lines, as (rows, damaged).
-
-    A row is a JSON object whose `key` is an integer larger than the previous row's; every
-    other line that is not blank (torn, garbage, another JSON value, no key, out of order)
-    is damaged and returned as it was, without its newline. ([], []) if there is no file.
-    """
-    if not os.path.exists(path):
-        return [], []
-    rows, damaged = [], []
-    with open(path, encoding='utf-8', errors='surrogateescape') as f:
-        for line in f:
-            line = line.rstrip('\n')
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            value = row.get(key) if isinstance(row, dict) else None
-            if (isinstance(value, int) and not isinstance(value, bool)
-                    and (not rows or value > rows[-1][key])):
-                rows.append(row)
-            else:
-                damaged.append(line)
-    return rows, damaged
-
-
-def read_jsonl(path, key='step'):
-    """The good rows of a JSON-lines file (see read_rows); [] if it does not exist."""
-    return read_rows(path, key)[0]
-
-
-def append_jsonl(path, row):
-    append_lines(path, [json.dumps(row)])
-
-
 def append_lines(path, lines):
     """Appends lines to a text file and flushes them to the disk."""
     with open(path, 'a', encoding='utf-8', errors='surrogateescape') as f:
@@ -291,213 +336,6 @@ def private_tempdir():
     finally:
         tempfile.tempdir = previous
         shutil.rmtree(folder, ignore_errors=True)
-
-
-class FolderLock:
-    """One writer per folder: an exclusive flock on <folder>/lock, which names its holder.
-
-    The operating system releases the lock when its process ends, however it ends (SIGKILL,
-    a crash), so a killed run never blocks the next one. A second process that asks for it
-    gets a UsageError naming the process that holds it. Use as a context manager.
-    """
-
-    def __init__(self, folder, program):
-        self.path = os.path.join(folder, 'lock')
-        self.program = program
-        self.fd = None
-
-    def check(self):
-        """Raises the UsageError of __enter__ if another process holds the lock now, without
-        creating anything: a cheap test before the work that precedes taking the lock."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            self._lock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        finally:
-            os.close(fd)
-
-    def _lock(self, fd, operation):
-        """flock; False if the file system cannot lock (warned), UsageError if it is held."""
-        try:
-            fcntl.flock(fd, operation)
-            return True
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                print(f'warning: cannot lock {self.path} ({e.strerror}): make sure that no other '
-                      f'process writes into {os.path.dirname(self.path)}', file=sys.stderr)
-                return False
-            holder = os.pread(fd, 1000, 0).decode('utf-8', 'replace').strip() or 'another process'
-            raise UsageError(f'{os.path.dirname(self.path)} is in use by {holder}: one process '
-                             f'at a time writes into a run folder; wait for it to end or stop '
-                             f'it') from None
-
-    def __enter__(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            locked = self._lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except UsageError:
-            os.close(fd)
-            raise
-        if not locked:
-            os.close(fd)
-            return self
-        started = datetime.datetime.now().isoformat(sep=' ', timespec='seconds')
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f'process {os.getpid()} on {socket.gethostname()} ({self.program}, '
-                      f'since {started})\n'.encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock; the file stays (deleting it would race)
-            self.fd = None
-
-
-# ---- the checkpoints of a run folder, and interrupts held off while they are written ----
-
-STATE_FILE = 'checkpoint'  # TensorFlow's checkpoint state file: the latest and the kept ones
-DAMAGED = 'damaged'  # subfolder of checkpoints/ where checkpoints that do not restore are set aside
-_STATE_LINE = re.compile(r'(model_checkpoint_path|all_model_checkpoint_paths|'
-                         r'all_model_checkpoint_timestamps|last_preserved_timestamp): (".*"|[-+.\deE]+)')
-_CHECKPOINT_FILE = re.compile(r'ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})')
-
-
-def _is_tf_temporary(name):
-    """What TensorFlow's savers write before renaming: ckpt-N_temp/ (the shards),
-    checkpoint.tmp<hex> (the state file) and *.tempstate<n> (bundle files)."""
-    return (re.fullmatch(r'ckpt-\d+_temp', name) is not None or name.startswith(STATE_FILE + '.tmp')
-            or '.tempstate' in name)
-
-
-def error_reason(error):
-    """The first line of an exception's message, without TensorFlow's node prefix."""
-    text = re.sub(r'\{\{[^}]*\}\}\s*', '', str(error)).strip()
-    text = text.splitlines()[0] if text else ''
-    return f'{type(error).__name__}: {text[:200]}' if text else type(error).__name__
-
-
-class CheckpointFolder:
-    """The checkpoints of a run as files, read without trusting TensorFlow's state file.
-
-    A checkpoint ckpt-N is its files ckpt-N.index and ckpt-N.data-*. The candidates to resume
-    from are those that the state file names and those that have an index (the state file
-    may be damaged, or behind after a kill between a save and its update). Data files without
-    an index that the state file does not name are the remains of an interrupted save.
-    """
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.files, self.temporaries = {}, []
-        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-        for name in names:
-            match = _CHECKPOINT_FILE.fullmatch(name)
-            if match:
-                self.files.setdefault(int(match[1]), []).append(name)
-            elif _is_tf_temporary(name):
-                self.temporaries.append(name)
-        self.state_exists = STATE_FILE in names
-        self.recorded = self._read_state() if self.state_exists else []  # None: damaged
-        self.complete = sorted(n for n, files in self.files.items() if f'ckpt-{n}.index' in files)
-        recorded = self.recorded or []
-        self.interrupted = ([n for n in self.files if n not in self.complete and n not in recorded]
-                            if self.recorded is not None else [])
-        self.candidates = sorted(set(recorded) | (set(self.files) - set(self.interrupted)),
-                                 reverse=True)
-
-    def _read_state(self):
-        """The checkpoint numbers that the state file names, or None if it is damaged."""
-        try:
-            with open(os.path.join(self.directory, STATE_FILE), encoding='utf-8') as f:
-                lines = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError):
-            return None
-        numbers = []
-        for line in lines:
-            match = _STATE_LINE.fullmatch(line)
-            if not match:
-                return None
-            if match[2].startswith('"'):
-                name = re.fullmatch(r'"(?:.*/)?ckpt-(\d+)"', match[2])
-                if not name:
-                    return None
-                numbers.append(int(name[1]))
-        return sorted(set(numbers)) or None
-
-    def any(self):
-        """Whether the folder holds a checkpoint or its state file."""
-        return bool(self.files) or self.state_exists
-
-    def path(self, number):
-        return os.path.join(self.directory, f'ckpt-{number}')
-
-    def find(self, restore):
-        """(path, skipped): the newest candidate that restore(path) restores without raising,
-        or None, and the (path, reason) of the newer ones that did not."""
-        skipped = []
-        for number in self.candidates:
-            path = self.path(number)
-            if f'ckpt-{number}.index' not in self.files.get(number, []):
-                reason = ('its files are missing' if number not in self.files
-                          else f'ckpt-{number}.index is missing')
-            else:
-                try:
-                    restore(path)
-                    return path, skipped
-                except Exception as e:  # NotFound, DataLoss, OutOfRange, a mismatch, ...
-                    reason = error_reason(e)
-            skipped.append((path, reason))
-        return None, skipped
-
-    def remove_temporaries(self):
-        """Deletes TensorFlow's temporaries and the files of interrupted saves."""
-        for name in self.temporaries:
-            path = os.path.join(self.directory, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.exists(path):
-                os.remove(path)
-        for number in self.interrupted:
-            for name in self.files.pop(number):
-                os.remove(os.path.join(self.directory, name))
-        self.temporaries, self.interrupted = [], []
-
-    def set_aside(self, numbers):
-        """Moves the files of these checkpoints into checkpoints/damaged/; returns that folder."""
-        damaged = os.path.join(self.directory, DAMAGED)
-        os.makedirs(damaged, exist_ok=True)
-        for number in numbers:
-            for name in self.files.pop(number, []):
-                target, i = os.path.join(damaged, name), 1
-                while os.path.exists(target):
-                    target, i = os.path.join(damaged, f'{name}.{i}'), i + 1
-                os.replace(os.path.join(self.directory, name), target)
-            if number in self.complete:
-                self.complete.remove(number)
-        return damaged
-
-    def write_state(self, number):
-        """Makes the state file name ckpt-<number> as the latest and the complete checkpoints
-        before it as kept (so that the CheckpointManager rotates them out); removes the state
-        file when number is None."""
-        path = os.path.join(self.directory, STATE_FILE)
-        if number is None:
-            if os.path.exists(path):
-                os.remove(path)
-            return
-        kept = [n for n in self.complete if n <= number]
-        if self.recorded == kept and kept and kept[-1] == number:
-            return
-        # The manager rotates out only checkpoints younger than last_preserved_timestamp.
-        now = time.time()
-        times = [min(os.path.getmtime(self.path(n) + '.index'), now) for n in kept]
-        write_text(path, f'model_checkpoint_path: "ckpt-{number}"\n' + ''.join(
-            f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept) + ''.join(
-            f'all_model_checkpoint_timestamps: {t!r}\n' for t in times)
-            + f'last_preserved_timestamp: {min(times) - 1.0!r}\n')
-        self.recorded = kept
 
 
 class Interrupted(BaseException):

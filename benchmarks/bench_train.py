@@ -41,6 +41,8 @@ import tensorflow as tf  # noqa: E402
 
 import data  # noqa: E402
 import losses  # noqa: E402
+import models  # noqa: E402
+import run_folder  # noqa: E402
 import train  # noqa: E402
 
 PEAK_SIZE = 2048  # the matmul burst: n x n times n x n
@@ -83,7 +85,7 @@ class MatmulPeak:
 def make_step(model, precision, batch, xla, channels=1):
     """A Trainer's compiled update and its batches, built under the precision's policy."""
     precision = None if precision == 'float32' else precision
-    config = train.Config(model=model, batch_size=batch, xla=xla, mixed_precision=precision,
+    config = run_folder.Config(model=model, batch_size=batch, xla=xla, mixed_precision=precision,
                           channels=channels, output_dir=tempfile.gettempdir(),
                           experiment_name='bench')
     keras.mixed_precision.set_dtype_policy(train.POLICIES[precision])
@@ -170,12 +172,12 @@ def run_cli(model, precision, output_dir, name):
 
 
 def evaluate_test(run_dir):
-    """The test metrics of a run as evaluate.py computes them (train.load_model: batch norm
+    """The test metrics of a run as evaluate.py computes them (run_folder.load_model: batch norm
     statistics recomputed under the final weights; float32 whatever the training precision)."""
-    config, vae, state = train.load_model(run_dir)
+    config, vae, state = run_folder.load_model(run_dir)
     test_ds = data.make_pipeline(state.splits.test, config.image_size, config.batch_size,
                                  drop_remainder=False, data_range=config.data_range)
-    return train.Evaluator(vae, config)(test_ds)
+    return models.Evaluator(vae, config.beta, config.seed)(test_ds)
 
 
 def _read_all(fd, chunks):

@@ -7,6 +7,8 @@ import pytest
 import tensorflow as tf
 
 import compare
+import run_folder
+import models
 import evaluate
 import losses
 import train
@@ -103,7 +105,7 @@ def make(name):
 @pytest.mark.parametrize('name', DECODERS)
 def test_the_decoder_outputs_what_the_likelihood_reads(name):
     likelihood = make(name)
-    vae = train.models.VAE(28, C, 3, likelihood)
+    vae = models.VAE(28, C, 3, likelihood)
     x = tf.random.uniform((B, 28, 28, C), -1, 1)
     params, mu, log_var = vae(x, tf.zeros((B, 3)))
     assert params.shape == (B, 28, 28, C * likelihood.params_per_value) and params.dtype == tf.float32
@@ -198,7 +200,7 @@ def trained(tmp_path_factory):
     x = tf.constant(eight_bit((8, 28, 28, 1)))
     result = {}
     for name in DECODERS:
-        trainer = train.Trainer(train.Config(model=name, batch_size=8, z_dim=4, seed=2,
+        trainer = train.Trainer(run_folder.Config(model=name, batch_size=8, z_dim=4, seed=2,
                                              output_dir=str(out), experiment_name=name,
                                              channels=1))
         result[name] = trainer, [float(trainer.update(x)['loss']) for _ in range(12)]
@@ -265,7 +267,7 @@ def test_a_decoder_registered_at_run_time_trains_and_is_evaluated(image_folder, 
     assert result['model'] == 'toy' and np.isfinite(result['iw_bits_per_dim_discrete'])
     assert '| toy |' in open(out / 'results.md').read()
     # Trained: log b moved from 0, and a restored run has it back.
-    assert float(train.load_model(str(out / 'toy'))[1].likelihood.log_b) != 0.0
+    assert float(run_folder.load_model(str(out / 'toy'))[1].likelihood.log_b) != 0.0
     capsys.readouterr()
     assert run(['--model', 'toy', '--dataset', image_folder, '--output_dir', str(tmp_path),
                 '--max_steps', '1'] + TINY) == 0

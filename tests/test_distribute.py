@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import losses
+import run_folder
 import train
 from conftest import TINY, run
 
@@ -24,6 +25,7 @@ cpu = tf.config.list_physical_devices('CPU')[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 import numpy as np
+import run_folder
 import train
 
 x = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype('float32')
@@ -33,7 +35,7 @@ mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
 for model in sys.argv[3].split(','):
     runs = []
     for strategy in (tf.distribute.get_strategy(), mirrored):
-        config = train.Config(model=model, batch_size=8, z_dim=4, output_dir=sys.argv[2],
+        config = run_folder.Config(model=model, batch_size=8, z_dim=4, output_dir=sys.argv[2],
                               experiment_name=model, channels=1)
         trainer = train.Trainer(config, strategy)
         # Plain SGD: the update is the summed gradient itself (Adam's g / rms(g) would turn
@@ -119,7 +121,7 @@ def test_two_workers_on_localhost_train_and_write_one_checkpoint(image_folder, t
 def test_mixed_precision_keeps_the_loss_terms_float32_and_finite(image_folder, tmp_path, precision,
                                                                  compute, scaled):
     import keras
-    config = train.Config(model='sigma_pixel', batch_size=8, z_dim=4, mixed_precision=precision,
+    config = run_folder.Config(model='sigma_pixel', batch_size=8, z_dim=4, mixed_precision=precision,
                           channels=1, output_dir=str(tmp_path), experiment_name='mp')
     keras.mixed_precision.set_dtype_policy(train.POLICIES[precision])
     try:

@@ -10,6 +10,8 @@ from PIL import Image
 
 import compare
 import data
+import run_folder
+import models
 import evaluate
 import losses
 import train
@@ -73,7 +75,7 @@ def trained_run(image_folder, tmp_path_factory):
 
 
 def test_iw_nll_does_not_increase_with_k(trained_run):
-    config, vae, _ = train.load_model(trained_run)
+    config, vae, _ = run_folder.load_model(trained_run)
     splits = data.load(config.dataset, image_size=28, seed=config.seed)
     train_ds = data.make_pipeline(splits.train, 28, 8, drop_remainder=False)
     nll = np.array([evaluate.importance_weighted_nll(vae, train_ds, k)[:2] for k in (1, 10, 100)])
@@ -97,7 +99,7 @@ def test_evaluate_cli_writes_json_and_exports_samples(trained_run, capsys):
     import keras
     classifier = keras.models.load_model(result['classifier'])
     features = keras.Model(classifier.input, classifier.get_layer('features').output)
-    config = train.read_config(trained_run)
+    config = run_folder.read_config(trained_run)
     splits = data.load(config.dataset, image_size=28, seed=config.seed)
     train_x, test_x = (np.stack([x.numpy() for x in split.take(4)]) for split in (splits.train, splits.test))
     want = evaluate.frechet_distance(*evaluate.feature_statistics(features(train_x).numpy()),
@@ -148,15 +150,15 @@ def test_compare_takes_its_models_from_the_registry():
 
 
 def test_active_units_of_a_constructed_encoder():
-    vae = train.models.VAE(28, 1, 6, losses.Gaussian())
+    vae = models.VAE(28, 1, 6, losses.Gaussian())
     head = vae.encoder.get_layer('mu')
     kernel, bias = (w.numpy() for w in head.weights)
     kernel[:, [0, 3]] = 0.0  # mu_0 and mu_3 are their biases whatever the image: inactive
     kernel[:, [1, 2, 4, 5]] *= 50.0
     head.set_weights([kernel, bias])
     images = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1)).astype(np.uint8)
-    config = train.Config(z_dim=6, channels=1)
-    means, _ = evaluate.encode_images(vae, images, len(images), config)
+    config = run_folder.Config(z_dim=6, channels=1)
+    means, _ = run_folder.encode_images(vae, images, len(images), config)
     assert np.var(means, axis=0)[[0, 3]].max() < 1e-10 and np.var(means, axis=0)[[1, 2, 4, 5]].min() > 0.01
     assert evaluate.active_units(means) == 4
     # The threshold is Burda et al.'s 0.01, strict.
@@ -195,7 +197,7 @@ def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path, capsys):
     assert len(rows) == 4 and sum('beta-VAE' in row for row in rows) == 2
     assert rows[-1].startswith('| logistic |')  # no effective beta: last
     figure = Image.open(out / 'samples.png')  # a row of grids per prior
-    assert figure.width >= 4 * 280 and figure.height > 2 * 280
+    assert figure.width >= 2 * 280 and figure.height > 4 * 280  # a row per run, a column per prior
     assert Image.open(out / 'bits_per_dim.png').size == (700, 450)
     for figure in ('rate_distortion.png', 'fid_vs_beta.png'):
         assert Image.open(out / figure).size == (750, 500)

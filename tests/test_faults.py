@@ -66,7 +66,7 @@ def test_sigkill_at_random_moments_then_resume(image_folder, tmp_path):
             config.channels = 1
             trainer = train.Trainer(config)
             assert trainer.restore() == latest
-            copy = trainer.checkpoint.write(str(tmp_path / 'copy' / 'c'))
+            copy = trainer.checkpoints.saved.write(str(tmp_path / 'copy' / 'c'))
             restored = checkpoint_tensors(copy)
             assert saved.keys() == restored.keys()
             for key in saved:
@@ -158,12 +158,12 @@ def test_too_few_images(tmp_path, capsys, count, batch, words):
 
 
 @pytest.mark.parametrize('argv, words', [
-    (['--batch_size', '0'], '--batch_size must be positive'),
-    (['--epochs', '0'], '--epochs must be positive'),
-    (['--z_dim', '-3'], '--z_dim must be positive'),
-    (['--lr', '0'], '--lr must be a positive'),
-    (['--lr', 'nan'], '--lr must be a positive'),
-    (['--checkpoint_every', '0'], '--checkpoint_every must be positive'),
+    (['--batch_size', '0'], "--batch_size: must be a positive integer, got '0'"),
+    (['--epochs', '0'], "--epochs/--epoch: must be a positive integer, got '0'"),
+    (['--z_dim', '-3'], "--z_dim: must be a positive integer, got '-3'"),
+    (['--lr', '0'], "--lr: must be a positive number, got '0'"),
+    (['--lr', 'nan'], "--lr: must be a positive number, got 'nan'"),
+    (['--checkpoint_every', '0'], "--checkpoint_every: must be a positive integer, got '0'"),
     (['--model', 'vq'], "invalid choice: 'vq'"),
     (['--image_size', '30'], 'invalid choice: 30'),
     (['--log_sigma_min', 'low'], "expected a finite number or 'none'"),

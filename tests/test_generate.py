@@ -12,6 +12,8 @@ import tensorflow as tf
 from PIL import Image
 
 import data
+import run_folder
+import models
 import evaluate
 import generate
 import train
@@ -27,7 +29,7 @@ def trained(image_folder, tmp_path_factory):
     assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', 'g',
                 '--model', 'sigma', '--max_steps', '3'] + TINY) == 0
     run_dir = str(out / 'g')
-    config, vae, state = train.load_model(run_dir)
+    config, vae, state = run_folder.load_model(run_dir)
     return run_dir, config, vae, state
 
 
@@ -93,7 +95,7 @@ def test_sample_writes_npz_png_and_folder_deterministically(trained, tmp_path, c
 
 def test_sample_from_the_mixture_prior_fits_it_once_and_refits_when_stale(trained, tmp_path, capsys):
     run_dir, _, _, state = trained
-    gmm_path = os.path.join(run_dir, evaluate.GMM_FILE)
+    gmm_path = os.path.join(run_dir, run_folder.PRIOR_FILE)
     args = ['sample', '--run', run_dir, '--prior', 'gmm', '--components', 2, '--n', 6]
     assert gen(*args, '--out', tmp_path / 'a.npz') == 0
     assert 'fitted a 2-component Gaussian mixture' in capsys.readouterr().out
@@ -201,7 +203,7 @@ def test_mixture_samples_have_the_mean_and_covariance_of_the_fitted_means():
     true_means = np.array([[0, 0, 0], [6, 0, 2], [0, -6, 4]], float)
     points = np.concatenate([rng.multivariate_normal(m, np.diag([1.0, 0.5, 2.0]) + 0.3, 2000)
                              for m in true_means])
-    gmm = evaluate.fit_gmm(points, 3, seed=0)
+    gmm = models.fit_gmm(points, 3, seed=0)
     # The three clusters are recovered (they are far apart) ...
     nearest = [np.argmin(np.linalg.norm(gmm['means'] - m, axis=1)) for m in true_means]
     np.testing.assert_allclose(gmm['means'][nearest], true_means, atol=0.15)
@@ -209,7 +211,7 @@ def test_mixture_samples_have_the_mean_and_covariance_of_the_fitted_means():
     # ... and draws from the mixture have the points' mean and covariance, within a few
     # standard errors of N draws (which EM's moment matching leaves as the only difference).
     n = 200000
-    draws = evaluate.sample_gmm(gmm, n, seed=1)
+    draws = models.sample_gmm(gmm, n, seed=1)
     assert draws.shape == (n, 3)
     se_mean = draws.std(0) / np.sqrt(n)
     assert np.all(np.abs(draws.mean(0) - points.mean(0)) < 4 * se_mean)
@@ -218,7 +220,7 @@ def test_mixture_samples_have_the_mean_and_covariance_of_the_fitted_means():
     se_cov = products.std(0) / np.sqrt(n)
     assert np.all(np.abs(np.cov(draws, rowvar=False) - np.cov(points, rowvar=False, bias=True))
                   < 4 * se_cov + 1e-6)
-    np.testing.assert_array_equal(draws, evaluate.sample_gmm(gmm, n, seed=1))  # by seed
+    np.testing.assert_array_equal(draws, models.sample_gmm(gmm, n, seed=1))  # by seed
 
 
 # ---- the SavedModel ------------------------------------------------------------
@@ -330,7 +332,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, bad_places, image_folder, arg
 @pytest.mark.parametrize('argv, words', [
     (['sample', '--n', '0'], "argument --n: must be a positive integer, got '0'"),
     (['traverse', '--range', '-1'], "argument --range: must be a positive number"),
-    (['interpolate', '--a', 'x', '--b', 'y', '--steps', '1'], 'argument --steps: must be at least 2'),
+    (['interpolate', '--a', 'x', '--b', 'y', '--steps', '1'], "argument --steps: must be an integer of at least 2, got '1'"),
     (['sample', '--prior', 'uniform'], "invalid choice: 'uniform'"),
 ])
 def test_bad_flags_exit_2(argv, words, capsys):

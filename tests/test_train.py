@@ -11,6 +11,9 @@ import tensorflow as tf
 from PIL import Image
 
 import data
+import losses
+import run_folder
+import train
 from conftest import TINY, run
 
 
@@ -129,3 +132,74 @@ def test_resize_is_tf1_bilinear_without_half_pixel_centres_rounded_to_8_bits():
     f = (src - lo)[None, :, None]
     expected = rows[:, lo] * (1 - f) + rows[:, hi] * f
     np.testing.assert_allclose(got, np.round(expected), atol=1e-3)
+
+
+# ---- metrics by name, and one fixed prior z (issue 18) --------------------------
+
+def _trained_to(image_folder, tmp_path, steps):
+    args = ['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name', 'm',
+            '--checkpoint_every', '1'] + TINY
+    assert run(args + ['--max_steps', str(steps)]) == 0
+    config = train.parse_args(args)
+    config.channels = 1
+    return args, config
+
+
+def test_a_metric_added_later_resumes_a_checkpoint_written_without_it(
+        image_folder, tmp_path, monkeypatch, capsys):
+    args, config = _trained_to(image_folder, tmp_path, 5)  # an epoch is 5 steps
+    trainer = train.Trainer(config)
+    trainer.restore()
+    x = tf.random.stateless_uniform((8, 28, 28, 1), [0, 0], -1.0, 1.0)
+    for _ in range(2):
+        trainer.train_step(x)
+    ckpt = trainer.save()  # ckpt-7: the sums and counts of steps 6 and 7
+    saved = {k: tf.train.load_checkpoint(ckpt).get_tensor(f'train_sums/{k}/.ATTRIBUTES/VARIABLE_VALUE')
+             for k in losses.METRICS}
+    assert all(v[1] == 2 for v in saved.values())
+
+    summarize = losses.summarize
+    monkeypatch.setattr(losses, 'METRICS', losses.METRICS + ('rec_twice',))
+    monkeypatch.setattr(losses, 'summarize', lambda rec, *a: {
+        **summarize(rec, *a), 'rec_twice': 2 * rec})
+    trainer = train.Trainer(config)
+    assert trainer.restore() == ckpt  # not set aside as damaged
+    for k, (total, count) in saved.items():
+        np.testing.assert_array_equal(trainer.train_sums[k].numpy(), [total, count])
+    np.testing.assert_array_equal(trainer.train_sums['rec_twice'].numpy(), [0, 0])
+
+    capsys.readouterr()
+    assert run(args + ['--max_steps', '10']) == 0  # the epoch ends at step 10
+    assert 'skipped checkpoint' not in capsys.readouterr().err
+    row = [json.loads(line) for line in open(tmp_path / 'm' / 'metrics.jsonl')][-1]
+    assert row['step'] == 10
+    # rec_twice was summed over the 3 steps since the resume, rec over all 5 of the epoch.
+    assert row['train_rec_twice'] > 0 and math.isfinite(row['train_rec_twice'])
+    assert not math.isclose(row['train_rec_twice'], 2 * row['train_rec'], rel_tol=1e-9)
+
+
+def test_a_checkpoint_with_the_sums_as_one_vector_restores_them_by_name(image_folder, tmp_path):
+    _, config = _trained_to(image_folder, tmp_path, 7)
+    trainer = train.Trainer(config)
+    trainer.restore()
+    # The layout before metrics by name: one vector in the order of LEGACY_METRICS and a count.
+    vector = tf.Variable([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=tf.float64)
+    legacy = tf.train.Checkpoint(**trainer.checkpoints.state, train_sums=vector,
+                                 train_count=tf.Variable(4, dtype=tf.int64),
+                                 prior_z=tf.Variable(tf.zeros((100, 4))))
+    path = legacy.write(str(tmp_path / 'legacy' / 'ckpt-7'))
+    fresh = train.Trainer(config)
+    fresh.checkpoints._restore_from(path)
+    for value, name in zip([1, 2, 3, 4, 5, 6], run_folder.LEGACY_METRICS):
+        np.testing.assert_array_equal(fresh.train_sums[name].numpy(), [value, 4])
+    assert int(fresh.step.numpy()) == 7
+
+
+def test_one_fixed_prior_z_per_run(image_folder, tmp_path):
+    _, config = _trained_to(image_folder, tmp_path, 1)
+    trainer = train.Trainer(config)
+    expected = tf.random.stateless_normal((1000, config.z_dim), seed=[config.seed, 2]).numpy()
+    # Training's grid shows the first 100 of the z that evaluate.py decodes for its FID and
+    # generate.py sample --seed <the run's seed> decodes.
+    np.testing.assert_array_equal(trainer.prior_z, expected[:run_folder.NUM_SAMPLES])
+    np.testing.assert_array_equal(run_folder.prior_z(1000, config.z_dim, config.seed), expected)
