@@ -4,8 +4,8 @@ python compare.py --dataset fashion_mnist --epochs 5 --beta_sweep 0.003,0.01,0.0
 
 Writes into --output_dir one run folder per model (resumed if present), and
 results.md (the table, with the FID under the N(0, I) prior and under the ex-post
-Gaussian mixture prior), results.json, samples.png (each model's 10x10 samples of
-both priors, labelled) and bits_per_dim.png (test bits/dim against training steps).
+Gaussian mixture prior), results.json, samples.png (a row per run: its 10x10 samples of
+each prior, side by side) and bits_per_dim.png (test bits/dim against training steps).
 With --beta_sweep it also trains the fixed-sigma `gaussian` decoder with each KL weight
 beta (a beta-VAE), and draws rate_distortion.png (KL against test MSE) and
 fid_vs_beta.png (FID against beta, each decoder at its effective beta).

@@ -40,13 +40,23 @@ def read_images(args, config, state, n=None):
     one file), or the run's test split for 'test'; the first n."""
     if args.test_images is not None:
         return test_images(args.test_images, config, state)
-    if args.images is None:
-        raise UsageError('give --images (a folder, a file or test) or --test_images (indices)')
     if args.images != 'test':
         images, names = data.read_images(args.images, config.image_size, config.channels)
         return images[:n], names[:n]
     count = min(n, state.splits.num_test) if n else state.splits.num_test
     return test_images(range(count), config, state)
+
+
+def check_image_flags(args, count=None):
+    """UsageError, before the run is loaded, unless the images to read are given: --test_images
+    (`count` of them, if given) or --images (--a and --b for interpolate)."""
+    if args.test_images is not None:
+        if count and len(args.test_images) != count:
+            raise UsageError(f'--test_images must give {count} indices, got {len(args.test_images)}')
+    elif count == 2 and (args.a is None or args.b is None):
+        raise UsageError('give two images: --a FILE --b FILE, or --test_images I,J')
+    elif count is None and args.images is None:
+        raise UsageError('give --images (a folder, a file or test) or --test_images (indices)')
 
 
 def test_images(indices, config, state):
@@ -127,6 +137,7 @@ def sample(args):
 
 
 def reconstruct(args):
+    check_image_flags(args)
     config, vae, state = run_folder.load_model(args.run)
     inputs, names = read_images(args, config, state, args.n)
     kind = output_kind(args.out)
@@ -150,15 +161,12 @@ def slerp(a, b, t):
 
 
 def interpolate(args):
+    check_image_flags(args, 2)
     config, vae, state = run_folder.load_model(args.run)
     if args.test_images is not None:
-        if len(args.test_images) != 2:
-            raise UsageError(f'--test_images must give two indices, got {len(args.test_images)}')
         images = test_images(args.test_images, config, state)[0]
-    elif args.a is not None and args.b is not None:
-        images = np.stack([read_image(args.a, config, '--a'), read_image(args.b, config, '--b')])
     else:
-        raise UsageError('give two images: --a FILE --b FILE, or --test_images I,J')
+        images = np.stack([read_image(args.a, config, '--a'), read_image(args.b, config, '--b')])
     kind = output_kind(args.out)
     a, b = encode(vae, images, config)[0].astype(np.float64)
     t = np.linspace(0.0, 1.0, args.steps)
@@ -193,6 +201,7 @@ def traverse(args):
 
 
 def encode_command(args):
+    check_image_flags(args)
     config, vae, state = run_folder.load_model(args.run)
     images, names = read_images(args, config, state, args.n)
     output_kind(args.out, ('.npz',))

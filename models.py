@@ -16,7 +16,6 @@ last layer outputs `likelihood.params_per_value` numbers per value: the mean, th
 tanh for data in [-1, 1] (the original) or sigmoid for [0, 1] (the PyTorch sibling),
 then any others (e.g. a log scale) as they are.
 """
-import math
 import warnings
 
 import keras

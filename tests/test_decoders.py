@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 import compare
-import run_folder
 import models
+import run_folder
 import evaluate
 import losses
 import train

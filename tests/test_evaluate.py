@@ -10,11 +10,10 @@ from PIL import Image
 
 import compare
 import data
-import run_folder
-import models
 import evaluate
 import losses
-import train
+import models
+import run_folder
 from conftest import TINY, run
 
 RNG = np.random.default_rng(0)

@@ -16,8 +16,8 @@ from PIL import Image
 
 import compare
 import data
-import run_folder
 import models
+import run_folder
 import evaluate
 import train
 import utils

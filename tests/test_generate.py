@@ -12,11 +12,9 @@ import tensorflow as tf
 from PIL import Image
 
 import data
-import run_folder
-import models
-import evaluate
 import generate
-import train
+import models
+import run_folder
 from conftest import TINY, run
 
 Z_DIM = 4  # TINY's
@@ -140,6 +138,17 @@ def test_reconstruct_shows_inputs_beside_their_reconstructions(trained, image_fo
     test_images = np.stack(list(data.load(image_folder, 28, seed=1).test.as_numpy_iterator()))
     np.testing.assert_array_equal(np.load(tmp_path / 't.npz')['inputs'], test_images)
 
+    # Test images by index; --plain: the reconstructions alone, 10 a row.
+    assert gen('reconstruct', '--run', run_dir, '--test_images', '3,1', '--out', tmp_path / 'i.npz') == 0
+    by_index = np.load(tmp_path / 'i.npz')
+    np.testing.assert_array_equal(by_index['inputs'], test_images[[3, 1]])
+    assert list(by_index['names']) == ['test:3', 'test:1']
+    assert gen('reconstruct', '--run', run_dir, '--test_images', '3,1', '--plain',
+               '--out', tmp_path / 'p.png') == 0
+    plain = np.asarray(Image.open(tmp_path / 'p.png'))
+    assert plain.shape == (28, 56)
+    np.testing.assert_array_equal(cells(plain, 1, 2)[0], by_index['reconstructions'][..., 0])
+
 
 def test_interpolation_endpoints_decode_to_the_reconstructions(trained, image_folder, tmp_path):
     run_dir, _, vae, _ = trained
@@ -158,6 +167,18 @@ def test_interpolation_endpoints_decode_to_the_reconstructions(trained, image_fo
     omega = np.arccos(mu[0] @ mu[1] / np.linalg.norm(mu[0]) / np.linalg.norm(mu[1]))
     np.testing.assert_allclose(saved['z_spherical'][2], mu.sum(0) / (2 * np.cos(omega / 2)),
                                atol=1e-5)
+
+    # Two test images by index are the same as their files.
+    test = data.load(image_folder, 28, seed=1).test
+    pair = np.stack(list(test.as_numpy_iterator()))[[0, 2]]
+    Image.fromarray(pair[0, ..., 0]).save(tmp_path / 'a.png')
+    Image.fromarray(pair[1, ..., 0]).save(tmp_path / 'b.png')
+    assert gen('interpolate', '--run', run_dir, '--test_images', '0,2', '--steps', 5,
+               '--out', tmp_path / 'ti.npz') == 0
+    assert gen('interpolate', '--run', run_dir, '--a', tmp_path / 'a.png', '--b', tmp_path / 'b.png',
+               '--steps', 5, '--out', tmp_path / 'fi.npz') == 0
+    np.testing.assert_array_equal(np.load(tmp_path / 'ti.npz')['linear'],
+                                  np.load(tmp_path / 'fi.npz')['linear'])
 
     assert gen('interpolate', '--run', run_dir, '--a', a, '--b', b, '--steps', 5,
                '--out', tmp_path / 'i.png') == 0
@@ -317,6 +338,12 @@ def bad_places(trained, tmp_path_factory):
     (['encode', '--run', '{run}', '--images', '{image}', '--out', '{root}/x.png'], '--out must be an .npz file'),
     (['sample', '--run', '{run}', '--out', '{root}/not_an_image.png/x.png'], 'not a writable folder'),
     (['export', '--run', '{run}', '--out', '{root}/full'], 'holds no SavedModel'),
+    (['reconstruct', '--run', '{run}', '--out', '{root}/x.png'], 'give --images'),
+    (['interpolate', '--run', '{run}', '--a', '{image}', '--out', '{root}/x.png'], 'give two images'),
+    (['interpolate', '--run', '{run}', '--test_images', '1', '--out', '{root}/x.png'],
+     '--test_images must give 2 indices, got 1'),
+    (['reconstruct', '--run', '{run}', '--test_images', '0,4', '--out', '{root}/x.png'],
+     '--test_images must be between 0 and 3 (the test split has 4 images), got 4'),
 ])
 def test_bad_input_is_one_line_and_exit_2(trained, bad_places, image_folder, argv, words, capsys):
     names = {'root': bad_places, 'run': trained[0], 'image': folder_files(image_folder)[0]}
