@@ -316,7 +316,8 @@ def bad_places(trained, tmp_path_factory):
     (['sample', '--run', '{run}', '--out', '{root}/x.jpg'], '--out must be a .png file or an .npz file or a folder'),
     (['encode', '--run', '{run}', '--images', '{image}', '--out', '{root}/x.png'], '--out must be an .npz file'),
     (['sample', '--run', '{run}', '--out', '{root}/not_an_image.png/x.png'], 'not a writable folder'),
-    (['export', '--run', '{run}', '--out', '{root}/full'], 'holds no SavedModel'),
+    (['export', '--run', '{run}', '--out', '{root}/full'],
+     'holds files that an export does not write (notes.txt)'),
 ])
 def test_bad_input_is_one_line_and_exit_2(trained, bad_places, image_folder, argv, words, capsys):
     names = {'root': bad_places, 'run': trained[0], 'image': folder_files(image_folder)[0]}

@@ -1,0 +1,62 @@
+"""The hostile cases of the round-three audit, the file the next audit starts from.
+
+Each test is an input a careless or unlucky user gives, and what must happen instead of data
+loss or a silently wrong number: one line on stderr with exit status 2, or the right result.
+Small data the tests make themselves, tiny runs (TINY, --max_steps 2).
+"""
+import os
+import shutil
+
+import pytest
+
+import generate
+from conftest import TINY, run
+
+
+@pytest.fixture(scope='module')
+def trained(image_folder, tmp_path_factory):
+    """A sigma run of 2 steps on the shared image folder."""
+    out = tmp_path_factory.mktemp('hostile')
+    assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', 'h',
+                '--model', 'sigma', '--max_steps', '2'] + TINY) == 0
+    return str(out / 'h')
+
+
+def one_error_line(capsys, prog):
+    """The one line of stderr a refused command writes, checked to be just that."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'{prog}: error: '), err
+    return err[0]
+
+
+def files_under(folder):
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+# ---- 1. export never deletes what it did not write ------------------------------
+
+def test_export_over_a_saved_model_with_other_files_refuses_and_keeps_them(trained, tmp_path, capsys):
+    out = tmp_path / 'model'
+    assert generate.main(['export', '--run', trained, '--out', str(out)]) == 0
+    (out / 'precious.txt').write_text('mine')
+    (out / 'photos').mkdir()
+    (out / 'photos' / 'a.txt').write_text('mine too')
+    (out / 'variables' / 'notes.txt').write_text('and mine')
+    before = files_under(out)
+    capsys.readouterr()
+    assert generate.main(['export', '--run', trained, '--out', str(out)]) == 2
+    line = one_error_line(capsys, 'generate.py')
+    assert 'photos/' in line and 'precious.txt' in line and 'variables/notes.txt' in line
+    assert files_under(out) == before
+    assert (out / 'precious.txt').read_text() == 'mine'
+    assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp-')]
+
+
+def test_export_replaces_an_earlier_export_alone(trained, tmp_path):
+    out = tmp_path / 'model'
+    assert generate.main(['export', '--run', trained, '--out', str(out)]) == 0
+    first = files_under(out)
+    assert 'saved_model.pb' in first
+    assert generate.main(['export', '--run', trained, '--out', str(out)]) == 0
+    assert files_under(out) == first
