@@ -4,12 +4,17 @@ Each test is an input a careless or unlucky user gives, and what must happen ins
 loss or a silently wrong number: one line on stderr with exit status 2, or the right result.
 Small data the tests make themselves, tiny runs (TINY, --max_steps 2).
 """
+import json
 import os
-import shutil
+import types
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import compare
+import data
+import evaluate
 import generate
 from conftest import TINY, run
 
@@ -28,6 +33,19 @@ def one_error_line(capsys, prog):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f'{prog}: error: '), err
     return err[0]
+
+
+def make_images(folder, n=24, seed=0):
+    """n grayscale 28x28 PNGs, bright rectangles on black, in two class subfolders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        image = np.zeros((28, 28), np.uint8)
+        r, c = rng.integers(0, 14, 2)
+        image[r:r + 14, c:c + 10] = rng.integers(100, 256)
+        sub = folder / f'class{i % 2}'
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(sub / f'{i:03d}.png')
+    return folder
 
 
 def files_under(folder):
@@ -66,7 +84,6 @@ def test_export_replaces_an_earlier_export_alone(trained, tmp_path):
 # ---- 3. two values of beta, two runs ------------------------------------------------
 
 def test_beta_values_that_print_alike_get_their_own_runs(tmp_path):
-
     args = compare.parse_args(['--models', 'sigma', '--beta_sweep', '0.1,0.1000001,3,1e-5',
                                '--output_dir', str(tmp_path)])
     plan = compare.runs(args)
@@ -76,3 +93,42 @@ def test_beta_values_that_print_alike_get_their_own_runs(tmp_path):
     # Values that '{:g}' writes whole keep the names of earlier versions' runs.
     assert {'beta_vae_0.1', 'beta_vae_0.1000001', 'beta_vae_3', 'beta_vae_1e-05'} <= set(names)
     assert [config.beta for _, config, _ in plan if config.experiment_name == 'beta_vae_0.1000001'] == [0.1000001]
+
+
+# ---- 2. the FID classifier of one data set is never another's -----------------------
+
+def domain_classifier(folder, cache):
+    splits = data.load(str(folder), None, 28, 0)
+    config = types.SimpleNamespace(dataset=str(folder), image_size=28)
+    return evaluate.domain_features(splits, config, str(cache))[1]['classifier']
+
+
+def test_data_sets_whose_flattened_names_collide_get_their_own_classifiers(tmp_path, capsys):
+    cache = tmp_path / 'cache'
+    first = make_images(tmp_path / 'ds_a' / 'b', seed=1)  # both flatten to ..._ds_a_b
+    second = make_images(tmp_path / 'ds' / 'a_b', seed=2)
+    path_a = domain_classifier(first, cache)
+    path_b = domain_classifier(second, cache)
+    assert path_a != path_b
+    assert capsys.readouterr().out.count('training the domain feature classifier') == 2
+    with open(os.path.splitext(path_b)[0] + '.json') as f:
+        stored = json.load(f)
+    assert stored['dataset'] == os.path.realpath(second) and stored['data_fingerprint']
+
+    # A cached classifier whose record names other data is not used: it is trained again.
+    record = os.path.splitext(path_a)[0] + '.json'
+    with open(record, 'w') as f:
+        json.dump({**stored, 'dataset': '/elsewhere'}, f)
+    assert domain_classifier(first, cache) == path_a
+    captured = capsys.readouterr()
+    assert 'training it again' in captured.err and 'training the domain' in captured.out
+    with open(record) as f:
+        assert json.load(f)['dataset'] == os.path.realpath(first)
+    assert domain_classifier(first, cache) == path_a  # and now it is
+    assert 'training' not in capsys.readouterr().out
+
+
+def test_a_classifier_at_chance_is_warned_of():
+    assert 'near chance' in evaluate.chance_warning(0.5, 2)
+    assert 'near chance' in evaluate.chance_warning(0.15, 10)
+    assert evaluate.chance_warning(0.9, 2) is None and evaluate.chance_warning(0.3, 10) is None
