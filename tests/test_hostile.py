@@ -132,3 +132,31 @@ def test_a_classifier_at_chance_is_warned_of():
     assert 'near chance' in evaluate.chance_warning(0.5, 2)
     assert 'near chance' in evaluate.chance_warning(0.15, 10)
     assert evaluate.chance_warning(0.9, 2) is None and evaluate.chance_warning(0.3, 10) is None
+
+
+# ---- 4. a run folder inside its own data ----------------------------------------------
+
+@pytest.mark.parametrize('where', ['inside', 'the folder itself', 'through a link'])
+def test_a_run_folder_inside_the_image_folder_is_refused_before_anything_is_written(
+        tmp_path, capsys, where):
+    images = make_images(tmp_path / 'data')
+    (tmp_path / 'link').symlink_to(images)
+    output_dir = {'inside': images / 'runs', 'the folder itself': tmp_path,
+                  'through a link': tmp_path / 'link' / 'runs'}[where]
+    experiment = ['--experiment_name', 'data' if where == 'the folder itself' else 'x']
+    before = files_under(images)
+    assert run(['--dataset', str(images), '--output_dir', str(output_dir), '--max_steps', '2']
+               + experiment + TINY) == 2
+    line = one_error_line(capsys, 'train.py')
+    assert 'would be inside the image folder of --dataset' in line
+    assert files_under(images) == before and sorted(os.listdir(images)) == ['class0', 'class1']
+
+
+def test_a_comparison_inside_the_image_folder_is_refused(tmp_path, capsys):
+    images = make_images(tmp_path / 'data')
+    with pytest.raises(SystemExit) as e:
+        compare.main(['--dataset', str(images), '--output_dir', str(images / 'compare'),
+                      '--models', 'sigma', '--max_steps', '2'])
+    assert e.value.code == 2
+    assert 'would be inside the image folder of --dataset' in one_error_line(capsys, 'compare.py')
+    assert sorted(os.listdir(images)) == ['class0', 'class1']
