@@ -307,6 +307,19 @@ def int_list(text):
     return values
 
 
+def seed(text):
+    """A seed of prior samples: an integer from 0 to run_folder.MAX_SEED, as train.py's --seed
+    (TensorFlow's stateless ops take larger ones modulo 2**64, silently)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= run_folder.MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 0 to {run_folder.MAX_SEED}, got '{text}'")
+    return value
+
+
 def make_parser():
     parser = utils.ArgumentParser(prog='generate.py', description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -340,7 +353,7 @@ def make_parser():
                    help='normal: N(0, I); gmm: the Gaussian mixture fitted to the encoder means of '
                         'the training split (prior_gmm.npz, fitted first if missing or stale)')
     c.add_argument('--components', type=POSITIVE, default=None, help=components_help)
-    c.add_argument('--seed', type=int, default=0, help=seed_help)
+    c.add_argument('--seed', type=seed, default=0, help=seed_help)
 
     c = command('reconstruct', reconstruct, 'images beside their reconstructions (z = mu)')
     images(c)
@@ -367,7 +380,7 @@ def make_parser():
     c.add_argument('--steps', type=AT_LEAST_TWO, default=9, help='values per dimension')
     c.add_argument('--image', default=None,
                    help="the seed z is this image's encoding (mu) (None: z ~ N(0, I) by --seed)")
-    c.add_argument('--seed', type=int, default=0, help=seed_help)
+    c.add_argument('--seed', type=seed, default=0, help=seed_help)
     out(c)
 
     c = command('encode', encode_command, 'mu and log sigma^2 of the encoder for each image')

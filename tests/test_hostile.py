@@ -31,7 +31,7 @@ def trained(image_folder, tmp_path_factory):
 def one_error_line(capsys, prog):
     """The one line of stderr a refused command writes, checked to be just that."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f'{prog}: error: '), err
+    assert len(err) == 1 and err[0].startswith(prog) and ': error: ' in err[0], err
     return err[0]
 
 
@@ -160,3 +160,26 @@ def test_a_comparison_inside_the_image_folder_is_refused(tmp_path, capsys):
     assert e.value.code == 2
     assert 'would be inside the image folder of --dataset' in one_error_line(capsys, 'compare.py')
     assert sorted(os.listdir(images)) == ['class0', 'class1']
+
+
+# ---- 5. flags of generate.py that used to pass or crash -------------------------------
+
+@pytest.mark.parametrize('argv, words', [
+    (['traverse', '--dims', ''], "argument --dims: expected comma-separated integers, got ''"),
+    (['traverse', '--dims', ','], "argument --dims: expected comma-separated integers, got ','"),
+    (['sample', '--seed', '99999999999999999999'],
+     "argument --seed: must be an integer from 0 to 2147483647, got '99999999999999999999'"),
+    (['sample', '--seed', '-1'], "argument --seed: must be an integer from 0 to 2147483647, got '-1'"),
+    (['traverse', '--seed', '2147483648'], 'argument --seed: must be an integer from 0 to 2147483647'),
+])
+def test_bad_generate_flags_are_one_line_and_exit_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.main(argv + ['--run', 'r', '--out', 'o.png'])
+    assert e.value.code == 2
+    line = one_error_line(capsys, 'generate.py')
+    assert words in line
+
+
+def test_the_largest_seed_samples(trained, tmp_path):
+    assert generate.main(['sample', '--run', trained, '--n', '2', '--seed', '2147483647',
+                          '--out', str(tmp_path / 's.npz')]) == 0
