@@ -81,20 +81,6 @@ def test_export_replaces_an_earlier_export_alone(trained, tmp_path):
     assert files_under(out) == first
 
 
-# ---- 3. two values of beta, two runs ------------------------------------------------
-
-def test_beta_values_that_print_alike_get_their_own_runs(tmp_path):
-    args = compare.parse_args(['--models', 'sigma', '--beta_sweep', '0.1,0.1000001,3,1e-5',
-                               '--output_dir', str(tmp_path)])
-    plan = compare.runs(args)
-    names = [config.experiment_name for _, config, _ in plan]
-    labels = [label for label, _, _ in plan]
-    assert len(set(names)) == len(names) == 5 and len(set(labels)) == 5
-    # Values that '{:g}' writes whole keep the names of earlier versions' runs.
-    assert {'beta_vae_0.1', 'beta_vae_0.1000001', 'beta_vae_3', 'beta_vae_1e-05'} <= set(names)
-    assert [config.beta for _, config, _ in plan if config.experiment_name == 'beta_vae_0.1000001'] == [0.1000001]
-
-
 # ---- 2. the FID classifier of one data set is never another's -----------------------
 
 def domain_classifier(folder, cache):
@@ -132,6 +118,21 @@ def test_a_classifier_at_chance_is_warned_of():
     assert 'near chance' in evaluate.chance_warning(0.5, 2)
     assert 'near chance' in evaluate.chance_warning(0.15, 10)
     assert evaluate.chance_warning(0.9, 2) is None and evaluate.chance_warning(0.3, 10) is None
+
+
+# ---- 3. two values of beta, two runs ------------------------------------------------
+
+def test_beta_values_that_print_alike_get_their_own_runs(tmp_path):
+    args = compare.parse_args(['--models', 'sigma', '--beta_sweep', '0.1,0.1000001,3,1e-5',
+                               '--output_dir', str(tmp_path)])
+    plan = compare.runs(args)
+    names = [config.experiment_name for _, config, _ in plan]
+    labels = [label for label, _, _ in plan]
+    assert len(set(names)) == len(names) == 5 and len(set(labels)) == 5
+    # Values that '{:g}' writes whole keep the names of earlier versions' runs.
+    assert {'beta_vae_0.1', 'beta_vae_0.1000001', 'beta_vae_3', 'beta_vae_1e-05'} <= set(names)
+    assert [config.beta for _, config, _ in plan
+            if config.experiment_name == 'beta_vae_0.1000001'] == [0.1000001]
 
 
 # ---- 4. a run folder inside its own data ----------------------------------------------
