@@ -98,6 +98,14 @@ def parse_args(argv=None):
     return args
 
 
+def beta_text(beta):
+    """beta as its run's name and label write it: short ('0.1', '1e-05', '3', as '{:g}' writes it,
+    which names the runs of earlier versions), but all its digits when '{:g}' would round it, so
+    that two values of beta never share one run folder (0.1 and 0.1000001)."""
+    short = f'{beta:g}'
+    return short if float(short) == beta else repr(float(beta))
+
+
 def runs(args):
     """(label, train.Config, sweep beta or None) of every run of the comparison: the models,
     then a beta-VAE for --beta_vae and each --beta_sweep value; a beta-VAE whose config is a
@@ -108,14 +116,14 @@ def runs(args):
     if args.beta_vae is not None and args.beta_vae not in args.beta_sweep:
         betas.append((args.beta_vae, False))
     for beta, swept in betas:
-        config = Config(model=BETA_VAE_MODEL, beta=beta, experiment_name=f'beta_vae_{beta:g}',
-                              **base)
+        config = Config(model=BETA_VAE_MODEL, beta=beta,
+                        experiment_name=f'beta_vae_{beta_text(beta)}', **base)
         same = [run for run in out if dataclasses.replace(run[1], experiment_name='') ==
                 dataclasses.replace(config, experiment_name='')]
         if same:
             same[0][2] = beta if swept else None
         else:
-            out.append([f'beta-VAE (beta={beta:g})', config, beta if swept else None])
+            out.append([f'beta-VAE (beta={beta_text(beta)})', config, beta if swept else None])
     return [tuple(run) for run in out]
 
 
@@ -284,7 +292,7 @@ def sweep_figures(out, results, title):
     ax.plot([r['test_kl'] for r in sweep], [r['test_mse'] for r in sweep], 'o-', color='0.4',
             label='β-VAE sweep (gaussian, σ = 1)')
     for r in sweep:
-        ax.annotate(f"β={r['sweep_beta']:g}", (r['test_kl'], r['test_mse']), fontsize=8,
+        ax.annotate(f"β={beta_text(r['sweep_beta'])}", (r['test_kl'], r['test_mse']), fontsize=8,
                     xytext=(4, 4), textcoords='offset points')
     for i, r in enumerate(others):
         ax.plot(r['test_kl'], r['test_mse'], marker='*', markersize=12, linestyle='none',

@@ -15,6 +15,7 @@ utils.start()  # TensorFlow, quietly
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -91,19 +92,73 @@ def check_features(splits, features):
                          f'inception or none')
 
 
+def classifier_identity(splits, config):
+    """What a cached domain classifier was trained on: the data set (an image folder by its
+    real path and fingerprint, a tensorflow-datasets set by its name), the image size, the
+    channels and classes, the epochs. Stored beside the classifier and checked on loading."""
+    folder = os.sep in config.dataset or os.path.isdir(config.dataset)  # as data.load decides
+    return {'dataset': os.path.realpath(config.dataset) if folder else config.dataset,
+            'data_fingerprint': splits.fingerprint, 'image_size': config.image_size,
+            'channels': splits.channels, 'num_classes': splits.num_classes,
+            'epochs': CLASSIFIER_EPOCHS}
+
+
+def classifier_path(identity, cache_dir):
+    """The cached classifier's file: a readable name of the data set, and a hash of all of
+    `identity`, so that two data sets never share one (the readable part alone would:
+    /data/ds_a/b and /data/ds/a_b flatten alike)."""
+    readable = ''.join(c if c.isalnum() else '_' for c in identity['dataset'].strip(os.sep))[-60:]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, f"{readable}_{identity['image_size']}px_"
+                                   f"{identity['channels']}c_{digest}.keras")
+
+
+def _cached_classifier(path, identity):
+    """The classifier cached at path if its JSON says it was trained on `identity`, else None
+    (with the reason on one line when there is a file that does not serve)."""
+    record = os.path.splitext(path)[0] + '.json'
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(record, encoding='utf-8') as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        stored = None
+    if stored != identity:
+        print(f'{path} is not known to be a classifier of this data ({record} is missing or '
+              f'names other data): training it again', file=sys.stderr)
+        return None
+    try:
+        return keras.models.load_model(path)
+    except Exception as e:  # a damaged file fails with one of many errors
+        print(f'{path} cannot be loaded ({utils.error_reason(e)}): training it again',
+              file=sys.stderr)
+        return None
+
+
+def chance_warning(accuracy, num_classes):
+    """The warning for a classifier whose test accuracy is at chance (within half of it), or
+    None: its features separate nothing, and an FID on them says little."""
+    if accuracy > 1.5 / num_classes:
+        return None
+    return (f'warning: the domain feature classifier is right on {accuracy:.1%} of the test '
+            f'split, near chance ({1 / num_classes:.1%} for {num_classes} classes): its FID '
+            f'means little; use --features inception, or more labelled images')
+
+
 def domain_features(splits, config, cache_dir):
     """A feature function from the penultimate layer of a classifier of the data set's labels.
 
-    The classifier is trained once per data set, size and channel count and cached in
-    cache_dir; returns (function, info dict with its test accuracy).
+    The classifier is trained once per data set (and image folder content), size and channel
+    count and cached in cache_dir, with a JSON of what it was trained on beside it; returns
+    (function, info dict with its test accuracy).
     """
     check_features(splits, 'domain')
-    key = ''.join(c if c.isalnum() else '_' for c in config.dataset.strip(os.sep))
-    path = os.path.join(cache_dir, f'{key}_{config.image_size}px_{splits.channels}c.keras')
+    identity = classifier_identity(splits, config)
+    path = classifier_path(identity, cache_dir)
     test_x, test_y = _labelled_arrays(splits.test, splits.test_labels, config.image_size)
-    if os.path.exists(path):
-        model = keras.models.load_model(path)
-    else:
+    model = _cached_classifier(path, identity)
+    if model is None:
         train_x, train_y = _labelled_arrays(splits.train, splits.train_labels, config.image_size)
         keras.utils.set_random_seed(0)
         model = _classifier(config.image_size, splits.channels, splits.num_classes)
@@ -116,7 +171,12 @@ def domain_features(splits, config, cache_dir):
                   callbacks=[epoch_line])
         os.makedirs(cache_dir, exist_ok=True)
         utils.atomic_write(path, model.save)
+        # After the model: a JSON beside a model is the sign that the model is whole.
+        utils.write_text(os.path.splitext(path)[0] + '.json', json.dumps(identity, indent=2) + '\n')
     accuracy = float(np.mean(np.argmax(model.predict(test_x, 1024, verbose=0), -1) == test_y))
+    warning = chance_warning(accuracy, splits.num_classes)
+    if warning:
+        print(warning, file=sys.stderr)
     features = keras.Model(model.inputs, model.get_layer('features').output)
     return (lambda x: features.predict(x, batch_size=512, verbose=0)), {
         'classifier': path, 'classifier_test_accuracy': accuracy}

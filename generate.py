@@ -17,6 +17,7 @@ utils.start()  # TensorFlow, quietly
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 
@@ -243,16 +244,44 @@ def saved_model(vae, config):
     return archive
 
 
+# What a SavedModel export writes into its folder: an --out that holds only these is an earlier
+# export, which a new one replaces whole.
+SAVED_MODEL_FILES = ('saved_model.pb', 'saved_model.pbtxt', 'fingerprint.pb', 'keras_metadata.pb')
+SAVED_MODEL_FOLDERS = {'variables': re.compile(r'variables\.(index|data-\d{5}-of-\d{5})'),
+                       'assets': None}  # assets/: empty, this VAE has none
+
+
+def not_exported(folder):
+    """The entries of `folder` (relative paths) that an export does not write: the files that
+    replacing the folder would delete although they are not a SavedModel's."""
+    foreign = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.islink(path):
+            foreign.append(name)
+        elif name in SAVED_MODEL_FOLDERS and os.path.isdir(path):
+            pattern = SAVED_MODEL_FOLDERS[name]
+            foreign += [f'{name}/{inner}' for inner in sorted(os.listdir(path))
+                        if pattern is None or not pattern.fullmatch(inner)
+                        or not os.path.isfile(os.path.join(path, inner))
+                        or os.path.islink(os.path.join(path, inner))]
+        elif name not in SAVED_MODEL_FILES or not os.path.isfile(path):
+            foreign.append(name + ('/' if os.path.isdir(path) else ''))
+    return foreign
+
+
 def export(args):
-    config, vae, _ = run_folder.load_model(args.run)
     out = os.path.normpath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out '{args.out}' is a file, not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(
-            os.path.join(out, 'saved_model.pb')):
-        raise UsageError(f"--out '{args.out}' is a folder that is not empty and holds no "
-                         f"SavedModel: give a new folder")
+    foreign = not_exported(out) if os.path.isdir(out) else []
+    if foreign:
+        listed = ', '.join(foreign[:3]) + (f' and {len(foreign) - 3} more' if len(foreign) > 3 else '')
+        raise UsageError(f"--out '{args.out}' holds files that an export does not write "
+                         f"({listed}), which replacing it would delete: give a new folder, or "
+                         f"move them away")
     output_kind(out, ('folder',))
+    config, vae, _ = run_folder.load_model(args.run)
     # Written beside --out and renamed into place: a reader never sees half a SavedModel.
     parent, name = os.path.split(os.path.abspath(out))
     tmp, old = (os.path.join(parent, f'.tmp-{name}-{kind}-{os.getpid()}') for kind in ('new', 'old'))
@@ -285,6 +314,19 @@ def int_list(text):
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
     return values
+
+
+def seed(text):
+    """A seed of prior samples: an integer from 0 to run_folder.MAX_SEED, as train.py's --seed
+    (TensorFlow's stateless ops take larger ones modulo 2**64, silently)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= run_folder.MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 0 to {run_folder.MAX_SEED}, got '{text}'")
+    return value
 
 
 def make_parser():
@@ -320,7 +362,7 @@ def make_parser():
                    help='normal: N(0, I); gmm: the Gaussian mixture fitted to the encoder means of '
                         'the training split (prior_gmm.npz, fitted first if missing or stale)')
     c.add_argument('--components', type=POSITIVE, default=None, help=components_help)
-    c.add_argument('--seed', type=int, default=0, help=seed_help)
+    c.add_argument('--seed', type=seed, default=0, help=seed_help)
 
     c = command('reconstruct', reconstruct, 'images beside their reconstructions (z = mu)')
     images(c)
@@ -347,7 +389,7 @@ def make_parser():
     c.add_argument('--steps', type=AT_LEAST_TWO, default=9, help='values per dimension')
     c.add_argument('--image', default=None,
                    help="the seed z is this image's encoding (mu) (None: z ~ N(0, I) by --seed)")
-    c.add_argument('--seed', type=int, default=0, help=seed_help)
+    c.add_argument('--seed', type=seed, default=0, help=seed_help)
     out(c)
 
     c = command('encode', encode_command, 'mu and log sigma^2 of the encoder for each image')

@@ -114,6 +114,19 @@ class Config:
         if self.experiment_name is None:
             self.experiment_name = self.model
         utils.check_name(self.experiment_name, '--experiment_name')
+        self.check_outside_data()
+
+    def check_outside_data(self):
+        """Raises UsageError if the run folder is inside the image folder of --dataset (real
+        paths: a symbolic link is followed): the images and checkpoints it writes would change
+        the data set, whose fingerprint then refuses every resume of the run."""
+        if not os.path.isdir(self.dataset):  # a tfds name, or a folder data.load will not find
+            return
+        images, run = os.path.realpath(self.dataset), os.path.realpath(self.run_dir)
+        if os.path.commonpath([images, run]) == images:
+            raise UsageError(f'--output_dir {self.output_dir}: the run folder {run} would be inside '
+                             f'the image folder of --dataset ({images}), and what the run writes '
+                             f'would change its data; put the run folder elsewhere')
 
 
 # Changing one of these changes the model, its test split (seed) or what a step and an epoch

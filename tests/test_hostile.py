@@ -1,0 +1,186 @@
+"""The hostile cases of the round-three audit, the file the next audit starts from.
+
+Each test is an input a careless or unlucky user gives, and what must happen instead of data
+loss or a silently wrong number: one line on stderr with exit status 2, or the right result.
+Small data the tests make themselves, tiny runs (TINY, --max_steps 2).
+"""
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import compare
+import data
+import evaluate
+import generate
+from conftest import TINY, run
+
+
+@pytest.fixture(scope='module')
+def trained(image_folder, tmp_path_factory):
+    """A sigma run of 2 steps on the shared image folder."""
+    out = tmp_path_factory.mktemp('hostile')
+    assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', 'h',
+                '--model', 'sigma', '--max_steps', '2'] + TINY) == 0
+    return str(out / 'h')
+
+
+def one_error_line(capsys, prog):
+    """The one line of stderr a refused command writes, checked to be just that."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(prog) and ': error: ' in err[0], err
+    return err[0]
+
+
+def make_images(folder, n=24, seed=0):
+    """n grayscale 28x28 PNGs, bright rectangles on black, in two class subfolders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        image = np.zeros((28, 28), np.uint8)
+        r, c = rng.integers(0, 14, 2)
+        image[r:r + 14, c:c + 10] = rng.integers(100, 256)
+        sub = folder / f'class{i % 2}'
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(sub / f'{i:03d}.png')
+    return folder
+
+
+def files_under(folder):
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+# ---- 1. export never deletes what it did not write ------------------------------
+
+def test_export_over_a_saved_model_with_other_files_refuses_and_keeps_them(trained, tmp_path, capsys):
+    out = tmp_path / 'model'
+    assert generate.main(['export', '--run', trained, '--out', str(out)]) == 0
+    (out / 'precious.txt').write_text('mine')
+    (out / 'photos').mkdir()
+    (out / 'photos' / 'a.txt').write_text('mine too')
+    (out / 'variables' / 'notes.txt').write_text('and mine')
+    before = files_under(out)
+    capsys.readouterr()
+    assert generate.main(['export', '--run', trained, '--out', str(out)]) == 2
+    line = one_error_line(capsys, 'generate.py')
+    assert 'photos/' in line and 'precious.txt' in line and 'variables/notes.txt' in line
+    assert files_under(out) == before
+    assert (out / 'precious.txt').read_text() == 'mine'
+    assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp-')]
+
+
+def test_export_replaces_an_earlier_export_alone(trained, tmp_path):
+    out = tmp_path / 'model'
+    assert generate.main(['export', '--run', trained, '--out', str(out)]) == 0
+    first = files_under(out)
+    assert 'saved_model.pb' in first
+    assert generate.main(['export', '--run', trained, '--out', str(out)]) == 0
+    assert files_under(out) == first
+
+
+# ---- 2. the FID classifier of one data set is never another's -----------------------
+
+def domain_classifier(folder, cache):
+    splits = data.load(str(folder), None, 28, 0)
+    config = types.SimpleNamespace(dataset=str(folder), image_size=28)
+    return evaluate.domain_features(splits, config, str(cache))[1]['classifier']
+
+
+def test_data_sets_whose_flattened_names_collide_get_their_own_classifiers(tmp_path, capsys):
+    cache = tmp_path / 'cache'
+    first = make_images(tmp_path / 'ds_a' / 'b', seed=1)  # both flatten to ..._ds_a_b
+    second = make_images(tmp_path / 'ds' / 'a_b', seed=2)
+    path_a = domain_classifier(first, cache)
+    path_b = domain_classifier(second, cache)
+    assert path_a != path_b
+    assert capsys.readouterr().out.count('training the domain feature classifier') == 2
+    with open(os.path.splitext(path_b)[0] + '.json') as f:
+        stored = json.load(f)
+    assert stored['dataset'] == os.path.realpath(second) and stored['data_fingerprint']
+
+    # A cached classifier whose record names other data is not used: it is trained again.
+    record = os.path.splitext(path_a)[0] + '.json'
+    with open(record, 'w') as f:
+        json.dump({**stored, 'dataset': '/elsewhere'}, f)
+    assert domain_classifier(first, cache) == path_a
+    captured = capsys.readouterr()
+    assert 'training it again' in captured.err and 'training the domain' in captured.out
+    with open(record) as f:
+        assert json.load(f)['dataset'] == os.path.realpath(first)
+    assert domain_classifier(first, cache) == path_a  # and now it is
+    assert 'training' not in capsys.readouterr().out
+
+
+def test_a_classifier_at_chance_is_warned_of():
+    assert 'near chance' in evaluate.chance_warning(0.5, 2)
+    assert 'near chance' in evaluate.chance_warning(0.15, 10)
+    assert evaluate.chance_warning(0.9, 2) is None and evaluate.chance_warning(0.3, 10) is None
+
+
+# ---- 3. two values of beta, two runs ------------------------------------------------
+
+def test_beta_values_that_print_alike_get_their_own_runs(tmp_path):
+    args = compare.parse_args(['--models', 'sigma', '--beta_sweep', '0.1,0.1000001,3,1e-5',
+                               '--output_dir', str(tmp_path)])
+    plan = compare.runs(args)
+    names = [config.experiment_name for _, config, _ in plan]
+    labels = [label for label, _, _ in plan]
+    assert len(set(names)) == len(names) == 5 and len(set(labels)) == 5
+    # Values that '{:g}' writes whole keep the names of earlier versions' runs.
+    assert {'beta_vae_0.1', 'beta_vae_0.1000001', 'beta_vae_3', 'beta_vae_1e-05'} <= set(names)
+    assert [config.beta for _, config, _ in plan
+            if config.experiment_name == 'beta_vae_0.1000001'] == [0.1000001]
+
+
+# ---- 4. a run folder inside its own data ----------------------------------------------
+
+@pytest.mark.parametrize('where', ['inside', 'the folder itself', 'through a link'])
+def test_a_run_folder_inside_the_image_folder_is_refused_before_anything_is_written(
+        tmp_path, capsys, where):
+    images = make_images(tmp_path / 'data')
+    (tmp_path / 'link').symlink_to(images)
+    output_dir = {'inside': images / 'runs', 'the folder itself': tmp_path,
+                  'through a link': tmp_path / 'link' / 'runs'}[where]
+    experiment = ['--experiment_name', 'data' if where == 'the folder itself' else 'x']
+    before = files_under(images)
+    assert run(['--dataset', str(images), '--output_dir', str(output_dir), '--max_steps', '2']
+               + experiment + TINY) == 2
+    line = one_error_line(capsys, 'train.py')
+    assert 'would be inside the image folder of --dataset' in line
+    assert files_under(images) == before and sorted(os.listdir(images)) == ['class0', 'class1']
+
+
+def test_a_comparison_inside_the_image_folder_is_refused(tmp_path, capsys):
+    images = make_images(tmp_path / 'data')
+    with pytest.raises(SystemExit) as e:
+        compare.main(['--dataset', str(images), '--output_dir', str(images / 'compare'),
+                      '--models', 'sigma', '--max_steps', '2'])
+    assert e.value.code == 2
+    assert 'would be inside the image folder of --dataset' in one_error_line(capsys, 'compare.py')
+    assert sorted(os.listdir(images)) == ['class0', 'class1']
+
+
+# ---- 5. flags of generate.py that used to pass or crash -------------------------------
+
+@pytest.mark.parametrize('argv, words', [
+    (['traverse', '--dims', ''], "argument --dims: expected comma-separated integers, got ''"),
+    (['traverse', '--dims', ','], "argument --dims: expected comma-separated integers, got ','"),
+    (['sample', '--seed', '99999999999999999999'],
+     "argument --seed: must be an integer from 0 to 2147483647, got '99999999999999999999'"),
+    (['sample', '--seed', '-1'], "argument --seed: must be an integer from 0 to 2147483647, got '-1'"),
+    (['traverse', '--seed', '2147483648'], 'argument --seed: must be an integer from 0 to 2147483647'),
+])
+def test_bad_generate_flags_are_one_line_and_exit_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.main(argv + ['--run', 'r', '--out', 'o.png'])
+    assert e.value.code == 2
+    line = one_error_line(capsys, 'generate.py')
+    assert words in line
+
+
+def test_the_largest_seed_samples(trained, tmp_path):
+    assert generate.main(['sample', '--run', trained, '--n', '2', '--seed', '2147483647',
+                          '--out', str(tmp_path / 's.npz')]) == 0
