@@ -283,6 +283,10 @@ class Likelihood(keras.layers.Layer):
         self.bin_width = (self.high - self.low) / 255.0  # one 8-bit level on the data scale
         self.log_sigma_min = log_sigma_min
 
+    def get_config(self):  # for Keras' saving of a whole model (.keras)
+        config = {k: v for k, v in super().get_config().items() if k != 'dtype'}
+        return {**config, 'data_range': (self.low, self.high), 'log_sigma_min': self.log_sigma_min}
+
     def split(self, params):
         """params (B, H, W, C * P) -> P tensors (B, H, W, C); the first is the mean."""
         return tf.split(params, self.params_per_value, axis=-1)
@@ -477,3 +481,5 @@ DECODERS = {
     'sigma_pixel': PixelSigma,
     'logistic': DiscretizedLogistic,
 }
+for _cls in DECODERS.values():  # known to keras.saving by name, e.g. 'sigma_vae>OptimalSigma'
+    keras.saving.register_keras_serializable('sigma_vae')(_cls)

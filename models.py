@@ -156,6 +156,7 @@ class VAE(keras.Model):
         return self.decode(self.encoder(x, training=False)[0])
 
 
+@keras.saving.register_keras_serializable('sigma_vae')
 class FitVAE(keras.Model):
     """A VAE for Keras' compile / fit / evaluate, from any encoder, decoder and likelihood.
 
@@ -185,6 +186,18 @@ class FitVAE(keras.Model):
         self.trackers = {k: keras.metrics.Mean(name=k)
                          for k in losses.METRICS + ('bits_per_dim_discrete',)}
         self.built = True  # the encoder and decoder are built networks
+
+    def get_config(self):  # for Keras' saving of the whole model (.keras, ModelCheckpoint)
+        nets = {k: keras.saving.serialize_keras_object(getattr(self, k))
+                for k in ('encoder', 'decoder', 'likelihood')}
+        return {'name': self.name, **nets, 'beta': self.beta, 'seed': self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for k in ('encoder', 'decoder', 'likelihood'):
+            config[k] = keras.saving.deserialize_keras_object(config[k])
+        return cls(**config)
 
     @property
     def metrics(self):
