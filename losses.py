@@ -43,6 +43,10 @@ mass of each value's bin [x - w/2, x + w/2], w = one level, the first bin open t
 
 Adding a decoder: subclass `Likelihood` (or `Gaussian`, choosing log sigma), and add
 one line to DECODERS; the trainer, the evaluation and the comparison take it from there.
+
+A training step's loss and metrics, for any decoder, on one device or per replica of a
+tf.distribute strategy: `vae_loss` (train.py's Trainer and models.FitVAE, Keras' fit, call it).
+This file imports only math, keras and tensorflow: copy it into a project of your own.
 """
 import math
 

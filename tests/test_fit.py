@@ -211,3 +211,45 @@ def test_example_adds_the_sigma_vae_in_at_most_five_lines():
     text = open(os.path.join(REPO, 'examples', 'your_own_vae.py')).read()
     assert 1 <= sum('# sigma-VAE' in line for line in text.splitlines()) <= 5
     assert 'make_encoder(image_size, channels, z_dim)' in text and 'models.make_' not in text
+
+
+def test_keras_callbacks_checkpoint_log_stop_and_resume(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, 'examples'))
+    try:
+        import your_own_vae
+    finally:
+        sys.path.pop(0)
+
+    def make():
+        keras.utils.set_random_seed(0)
+        vae = models.FitVAE(your_own_vae.make_encoder(28, 1, 4), your_own_vae.make_decoder(28, 1, 4),
+                            losses.DECODERS['optimal'](log_sigma_min=-5.0), seed=2)
+        vae.compile(keras.optimizers.Adam(1e-3))
+        return vae
+
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 28, 28, 1)).astype('float32')
+    ds = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    vae = make()
+    history = vae.fit(ds, validation_data=ds, epochs=2, verbose=0, shuffle=False, callbacks=[
+        keras.callbacks.ModelCheckpoint(str(tmp_path / 'vae.keras')),
+        keras.callbacks.TensorBoard(str(tmp_path / 'logs')),
+        keras.callbacks.EarlyStopping(monitor='val_neg_elbo', mode='min', patience=5)]).history
+    assert set(history) >= {'neg_elbo', 'val_neg_elbo', 'val_bits_per_dim_discrete'}
+    assert os.listdir(tmp_path / 'logs' / 'train')
+    loaded = keras.models.load_model(tmp_path / 'vae.keras')  # the whole model, optimizer too
+    assert type(loaded.likelihood) is losses.OptimalSigma and loaded.likelihood.log_sigma_min == -5.0
+    assert int(loaded.optimizer.iterations.numpy()) == 4
+    for a, b in zip(vae.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / 'backup'))
+    with pytest.raises(KeyboardInterrupt):
+        make().fit(ds, epochs=3, verbose=0, callbacks=[backup, Interrupt()])
+    resumed = make()
+    history = resumed.fit(ds, epochs=3, verbose=0, callbacks=[backup]).history
+    assert len(history['loss']) == 2 and int(resumed.optimizer.iterations.numpy()) == 6
