@@ -43,6 +43,10 @@ mass of each value's bin [x - w/2, x + w/2], w = one level, the first bin open t
 
 Adding a decoder: subclass `Likelihood` (or `Gaussian`, choosing log sigma), and add
 one line to DECODERS; the trainer, the evaluation and the comparison take it from there.
+
+A training step's loss and metrics, for any decoder, on one device or per replica of a
+tf.distribute strategy: `vae_loss` (train.py's Trainer and models.FitVAE, Keras' fit, call it).
+This file imports only math, keras and tensorflow: copy it into a project of your own.
 """
 import math
 
@@ -193,6 +197,72 @@ def summarize(rec, kl, log_sigma, beta, num_values, log_scale):
             'bits_per_dim': bits_per_dim(rec + kl, num_values, log_scale), 'log_sigma': log_sigma}
 
 
+# ---- one step's loss: what every training loop calls ---------------------------
+
+def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce_mean,
+             global_batch=None, training=True):
+    """The loss of one batch and its metrics, for any decoder of DECODERS, on one device or
+    on each replica of a tf.distribute strategy.
+
+    Args:
+      likelihood: a Likelihood (e.g. DECODERS['optimal']()).
+      x: (b, H, W, C) images in the likelihood's data range: this replica's part of the batch.
+      params: (b, H, W, C * likelihood.params_per_value) the decoder's output at a z drawn
+        from q(z|x) (the mean first, see Likelihood).
+      mu, log_var: (b, Z) the encoder's q(z|x).
+      beta: the weight of the KL term (1 for the sigma-VAE).
+      global_mean: (b,) per-image values of this replica -> their mean over the global
+        batch, a scalar; tf.reduce_mean on one device, `replica_mean` under tf.distribute.
+        The optimal sigma* and the metrics are means over the global batch.
+      global_batch: the number of images of the global batch (int or scalar tensor);
+        None: b, one device. Under tf.distribute: `replica_batch(x)`.
+      training: True for a training step (train_terms: the batch's sigma*, running
+        statistics updated); False for evaluation (test_terms: no look at x to pick sigma).
+    Returns:
+      (loss, metrics). loss, a scalar: what to minimise, this replica's share of the global
+      batch's objective (sums over its images, values and latent dimensions, `mse`'s means
+      divided by the global batch; see Likelihood.reduce), so that the replicas' gradients
+      add up to the global batch's; training=False gives the sum of rec + beta kl over the
+      replica's images. metrics: {name: scalar} of METRICS, per-image means over the global
+      batch (see summarize), the same on every replica; with training=False also
+      bits_per_dim_discrete, the bits/dim of the 8-bit values.
+    """
+    num_values = math.prod(x.shape[1:])  # D, values per image (static)
+    log_scale = math.log(255.0 / (likelihood.high - likelihood.low))
+    if training:
+        objective, rec, log_sigma = likelihood.train_terms(x, params, global_mean)
+        kl = kl_divergence(mu, log_var)
+        rec_term, kl_term = likelihood.reduce(
+            objective, kl, tf.shape(x)[0] if global_batch is None else global_batch)
+        loss = rec_term + beta * kl_term
+        kl_image = tf.reduce_sum(kl, -1)
+    else:
+        rec, discrete, log_sigma = likelihood.test_terms(x, params)
+        kl_image = tf.reduce_sum(kl_divergence(mu, log_var), -1)
+        loss = tf.reduce_sum(rec) + beta * tf.reduce_sum(kl_image)
+    metrics = summarize(global_mean(rec), global_mean(kl_image), global_mean(log_sigma), beta,
+                        num_values, log_scale)
+    if not training:
+        metrics['bits_per_dim_discrete'] = bits_per_dim(global_mean(discrete) + metrics['kl'],
+                                                        num_values, 0.0)
+    return loss, metrics
+
+
+def replica_mean(values):
+    """(b,) per-image values of this replica -> their mean over the global batch of all
+    replicas (an all-reduce of sums and counts; the mean itself on one device). Call it
+    inside strategy.run (Keras 3's fit runs train_step there)."""
+    replica = tf.distribute.get_replica_context()
+    sums = replica.all_reduce('sum', [tf.reduce_sum(values), tf.cast(tf.size(values), tf.float32)])
+    return sums[0] / sums[1]
+
+
+def replica_batch(x):
+    """The number of images of the global batch, from this replica's part x (b, ...): every
+    replica gets b of them (batches with drop_remainder)."""
+    return tf.shape(x)[0] * tf.distribute.get_replica_context().num_replicas_in_sync
+
+
 # ---- the decoders -------------------------------------------------------------
 
 class Likelihood(keras.layers.Layer):
@@ -216,6 +286,10 @@ class Likelihood(keras.layers.Layer):
         self.low, self.high = (float(v) for v in data_range)
         self.bin_width = (self.high - self.low) / 255.0  # one 8-bit level on the data scale
         self.log_sigma_min = log_sigma_min
+
+    def get_config(self):  # for Keras' saving of a whole model (.keras)
+        config = {k: v for k, v in super().get_config().items() if k != 'dtype'}
+        return {**config, 'data_range': (self.low, self.high), 'log_sigma_min': self.log_sigma_min}
 
     def split(self, params):
         """params (B, H, W, C * P) -> P tensors (B, H, W, C); the first is the mean."""
@@ -411,3 +485,5 @@ DECODERS = {
     'sigma_pixel': PixelSigma,
     'logistic': DiscretizedLogistic,
 }
+for _cls in DECODERS.values():  # known to keras.saving by name, e.g. 'sigma_vae>OptimalSigma'
+    keras.saving.register_keras_serializable('sigma_vae')(_cls)

@@ -100,6 +100,21 @@ def reparameterize(mu, log_var, eps):
     return mu + tf.exp(0.5 * log_var) * eps
 
 
+def replica_noise(shape, seed, step):
+    """eps ~ N(0, I) for this replica's rows of the global batch, drawn from (seed, step).
+
+    shape: (b, Z), this replica's part (b images) of a global batch of b * replicas. The
+    global batch's noise is one draw, whatever the number of replicas: replica r gets its
+    rows r b to (r + 1) b, so one step on several devices is the step on one.
+    """
+    replica = tf.distribute.get_replica_context()
+    b = shape[0]
+    eps = tf.random.stateless_normal(
+        (b * replica.num_replicas_in_sync, shape[1]),
+        seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)]))
+    return eps[replica.replica_id_in_sync_group * b:][:b]
+
+
 class VAE(keras.Model):
     """Encoder, decoder and the decoder's likelihood (losses.DECODERS), whose weights
     (a trainable log sigma, running statistics) are trained and checkpointed with the rest.
@@ -138,6 +153,91 @@ class VAE(keras.Model):
     def reconstruct(self, x):
         """x (B, S, S, C) -> the decoder mean at z = mu, in evaluation mode."""
         return self.decode(self.encoder(x, training=False)[0])
+
+
+@keras.saving.register_keras_serializable('sigma_vae')
+class FitVAE(keras.Model):
+    """A VAE for Keras' compile / fit / evaluate, from any encoder, decoder and likelihood.
+
+    encoder: (B, H, W, C) -> (mu, log_var), each (B, Z); decoder: (B, Z) ->
+    (B, H, W, C * likelihood.params_per_value), the mean first (see losses.Likelihood);
+    likelihood: a losses.DECODERS entry, e.g. losses.DECODERS['optimal']() for the sigma-VAE.
+
+        vae = FitVAE(encoder, decoder, losses.DECODERS['optimal']())
+        vae.compile(keras.optimizers.Adam(1e-3))
+        vae.fit(train_ds, epochs=1); vae.evaluate(test_ds, return_dict=True)
+
+    train_step and test_step call losses.vae_loss, the function train.py's Trainer calls, with
+    the tf.distribute hooks (losses.replica_mean, losses.replica_batch): under a strategy
+    (build and compile in its scope) the optimal sigma* and the metrics are the global
+    batch's, and the replicas' gradients add up to the global batch's. The noise of a
+    training step is drawn for the global batch from (seed, the optimizer's iteration count),
+    as the Trainer's from (seed, step); evaluation draws from (seed, -1 - iterations), the
+    same for every test batch, so that evaluate() is deterministic. Training logs the
+    per-step means of losses.METRICS; evaluate() their per-image means over the test set
+    and bits_per_dim_discrete (the 8-bit values), with test_terms (no look at x for sigma).
+    """
+
+    def __init__(self, encoder, decoder, likelihood, beta=1.0, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
+        self.beta, self.seed = float(beta), int(seed)
+        self.trackers = {k: keras.metrics.Mean(name=k)
+                         for k in losses.METRICS + ('bits_per_dim_discrete',)}
+        self.built = True  # the encoder and decoder are built networks
+
+    def get_config(self):  # for Keras' saving of the whole model (.keras, ModelCheckpoint)
+        nets = {k: keras.saving.serialize_keras_object(getattr(self, k))
+                for k in ('encoder', 'decoder', 'likelihood')}
+        return {'name': self.name, **nets, 'beta': self.beta, 'seed': self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for k in ('encoder', 'decoder', 'likelihood'):
+            config[k] = keras.saving.deserialize_keras_object(config[k])
+        return cls(**config)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())  # reset by Keras at each epoch and evaluation
+
+    def call(self, x, eps=None, training=False):
+        """x (B, H, W, C) -> (params, mu, log_var); z = mu when eps is None."""
+        mu, log_var = self.encoder(x, training=training)
+        z = mu if eps is None else reparameterize(mu, log_var, eps)
+        return self.decoder(z, training=training), mu, log_var
+
+    def decode(self, z):
+        """z (B, Z) -> the decoder mean x_hat, in evaluation mode."""
+        return self.likelihood.mean(self.decoder(z, training=False))
+
+    def _loss(self, data, step, training):
+        x = data[0] if isinstance(data, (tuple, list)) else data  # images, or (images, labels)
+        mu, log_var = self.encoder(x, training=training)
+        eps = replica_noise(tf.shape(mu), self.seed, step)
+        params = self.decoder(reparameterize(mu, log_var, eps), training=training)
+        return x, losses.vae_loss(self.likelihood, x, params, mu, log_var, self.beta,
+                                  losses.replica_mean, losses.replica_batch(x), training)
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            _, (loss, stats) = self._loss(data, self.optimizer.iterations, True)
+            scaled = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        for name, value in stats.items():
+            self.trackers[name].update_state(value)
+        return {name: self.trackers[name].result() for name in stats}
+
+    def test_step(self, data):
+        x, (_, stats) = self._loss(data, -1 - self.optimizer.iterations, False)
+        # Weighted by the global batch's images, so that a short last batch counts as it is.
+        count = tf.distribute.get_replica_context().all_reduce(
+            'sum', tf.cast(tf.shape(x)[0], tf.float32))
+        for name, value in stats.items():
+            self.trackers[name].update_state(value, sample_weight=count)
+        return {name: self.trackers[name].result() for name in stats}
 
 
 class Evaluator:

@@ -252,42 +252,17 @@ class Trainer:
 
         Returns the metrics of the global batch (the same on every replica).
         """
-        vae, likelihood = self.vae, self.vae.likelihood
+        vae = self.vae
         with tf.GradientTape() as tape:
             mu, log_var = vae.encoder(x, training=True)
-            params = vae.decoder(models.reparameterize(mu, log_var, self._noise(x)), training=True)
-            objective, rec, log_sigma = likelihood.train_terms(x, params, self._global_mean)
-            kl = losses.kl_divergence(mu, log_var)
-            rec_term, kl_term = likelihood.reduce(objective, kl, self._global_batch(x))
-            scaled = self.optimizer.scale_loss(rec_term + self.config.beta * kl_term)
+            eps = models.replica_noise(tf.shape(mu), self.config.seed, self.step)
+            params = vae.decoder(models.reparameterize(mu, log_var, eps), training=True)
+            loss, stats = losses.vae_loss(vae.likelihood, x, params, mu, log_var, self.config.beta,
+                                          losses.replica_mean, losses.replica_batch(x))
+            scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, vae.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, vae.trainable_variables))
-        return self.evaluate.summarize(*self._global_means(rec, tf.reduce_sum(kl, -1), log_sigma))
-
-    # -- replica plumbing: the global batch seen from one replica's part x of it
-
-    @staticmethod
-    def _global_batch(x):
-        return tf.shape(x)[0] * tf.distribute.get_replica_context().num_replicas_in_sync
-
-    @staticmethod
-    def _global_means(*values):
-        """Per-image values (b,) of this replica -> their means over the global batch."""
-        replica = tf.distribute.get_replica_context()
-        count = tf.cast(tf.size(values[0]), tf.float32)
-        sums = replica.all_reduce('sum', [tf.reduce_sum(v) for v in values] + [count])
-        return [s / sums[-1] for s in sums[:-1]]
-
-    def _global_mean(self, values):
-        return self._global_means(values)[0]
-
-    def _noise(self, x):
-        """eps for this replica's rows of the global batch, drawn from (seed, step)."""
-        replica = tf.distribute.get_replica_context()
-        b = tf.shape(x)[0]
-        eps = tf.random.stateless_normal((self._global_batch(x), self.config.z_dim), seed=tf.stack(
-            [tf.constant(self.config.seed, tf.int64), tf.cast(self.step, tf.int64)]))
-        return eps[replica.replica_id_in_sync_group * b:][:b]
+        return stats
 
     def _train_step(self, x):
         """One step on a (distributed) global batch; summaries are the chief's."""
