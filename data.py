@@ -44,6 +44,8 @@ class Splits:
 
     train_labels / test_labels yield the class of each image in the same order
     (None when the source has no labels); only the evaluation's classifier uses them.
+    For a streamed image folder num_train / num_test count the listed files: files that
+    turn out not to decode are skipped as the pipeline meets them (see load_folder).
     """
     train: tf.data.Dataset
     test: tf.data.Dataset
