@@ -92,6 +92,13 @@ def test_the_memory_cache_keeps_to_its_budget_and_a_file_cache_is_optional(tmp_p
     assert decodes_per_pass(splits, monkeypatch) == 0  # read back from the file
 
 
+def test_a_source_of_known_size_is_budgeted_by_count_and_run_size():
+    import tensorflow as tf  # a tfds split, or Fashion-MNIST's IDX arrays: tf.data knows the count
+    images = tf.data.Dataset.from_tensor_slices(np.zeros((5, 10, 10, 3), np.uint8))
+    assert data.cache_bytes(images, 64) == 5 * 64 * 64 * 3
+    assert data.cache_bytes(images.filter(lambda x: True), 64) is None  # unknown: not cached
+
+
 def test_a_bad_file_met_midstream_is_skipped_with_its_label(tmp_path, capsys):
     folder = make_folder(tmp_path / 'bad', 60)
     bad = os.path.join(folder, 'c1', '0001.png')
