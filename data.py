@@ -373,8 +373,10 @@ def load_folder(folder, image_size, seed=0, check_files=False):
     Nothing is decoded up front: the listing, the split (a seeded permutation of the sorted
     regular files) and the fingerprint (the files' number, relative paths and sizes) come from
     the file system alone, and tf.data decodes the files in parallel as the pipeline asks for
-    them, so memory and the time to the first step do not grow with the folder. make_pipeline
-    caches the decoded images in memory when they fit in MEMORY_CACHE_BUDGET.
+    them, so memory and the time to the first step grow only with the listing (paths and
+    sizes: about 1 s and 20 MB per 100,000 files here), not with decoding. make_pipeline
+    caches the decoded images in memory when they fit in MEMORY_CACHE_BUDGET. The labels
+    datasets decode the files too, so as to skip the same ones (only the evaluation reads them).
 
     The run is grayscale if the headers of MODE_SAMPLE files spread over the sorted list are
     all grayscale (or 16-bit grayscale), RGB otherwise; a file of the other kind met later is
