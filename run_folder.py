@@ -664,7 +664,7 @@ def load_model(run_dir, batch_norm=True):
     state.path = checkpoints.restore(write=False)
     if not state.path:
         raise UsageError(f'{run_dir} has no checkpoint')
-    state.splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    state.splits = load_splits(config, config.data_fingerprint, config.channels)
     if state.splits.fingerprint != config.data_fingerprint:
         raise UsageError(data_changed(run_dir, config.dataset, config.data_fingerprint,
                                       state.splits.fingerprint))
@@ -673,6 +673,30 @@ def load_model(run_dir, batch_norm=True):
             state.splits.train, config.image_size, config.batch_size, shuffle_seed=config.seed,
             data_range=config.data_range).take(BN_BATCHES), config.seed)
     return config, vae, state
+
+
+def load_splits(config, fingerprint=None, channels=None):
+    """data.load of a run's data set. An image folder is streamed (data.load_folder); when a
+    run made before streaming recorded another fingerprint or channel count for it (a folder
+    with files that do not decode, or with a few RGB files among grayscale ones), the folder
+    is read as it was then (check_files=True: every file decoded once up front), so that such
+    runs resume and load with the same split."""
+    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    if fingerprint and splits.fingerprint is not None and (
+            fingerprint != splits.fingerprint or (channels or splits.channels) != splits.channels):
+        older = data.load_folder(config.dataset, config.image_size, config.seed, check_files=True)
+        if older.fingerprint == fingerprint and (channels or older.channels) == older.channels:
+            return older
+    return splits
+
+
+def saved_data_identity(run_dir):
+    """(data_fingerprint, channels) that run_dir's config.json records, or (None, None)."""
+    try:
+        saved = read_config_file(os.path.join(run_dir, CONFIG_FILE))
+    except UsageError:  # missing or damaged: check_resume says so
+        return None, None
+    return saved.get('data_fingerprint'), saved.get('channels')
 
 
 BATCH = 500  # images per encoder or decoder call

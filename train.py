@@ -344,7 +344,7 @@ def _train(config, strategy):
     if chief:
         lock.check()  # fail at once, not after loading the data
     # Everything is checked before anything is written: the data, the run folder's config.
-    splits = data.load(config.dataset, config.data_dir, config.image_size, config.seed)
+    splits = run_folder.load_splits(config, *run_folder.saved_data_identity(config.run_dir))
     config.channels, config.data_fingerprint = splits.channels, splits.fingerprint
     steps_per_epoch = splits.num_train // config.batch_size
     if steps_per_epoch == 0:

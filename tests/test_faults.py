@@ -142,7 +142,14 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, capsys):
     good = open(os.path.join(folder, '000.png'), 'rb').read()
     open(os.path.join(folder, 'truncated.png'), 'wb').write(good[:len(good) // 2])
     open(os.path.join(folder, 'garbage.jpg'), 'wb').write(b'not an image at all')
-    splits = data.load(folder, image_size=28)
+    splits = data.load(folder, image_size=28)  # lists them: nothing is decoded yet
+    assert splits.num_train + splits.num_test == 22
+    assert sum(1 for split in (splits.train, splits.test) for _ in split) == 20
+    err = capsys.readouterr().err
+    for name in ('truncated.png', 'garbage.jpg'):
+        assert f'skipped image file {os.path.join(folder, name)}: could not be read' in err
+    # Before streaming (check_files=True, for older runs), all were decoded up front.
+    splits = data.load_folder(folder, 28, check_files=True)
     assert splits.num_train + splits.num_test == 20
     assert 'skipped 2 of 22 image files' in capsys.readouterr().err
 
