@@ -739,8 +739,12 @@ def prior_samples(vae, config, n, seed=None, gmm=None):
     """n decoded samples as uint8 of the prior: the run's fixed z (prior_z, from `seed`, the
     run's by default), or the mixture `gmm` (a dict of models.fit_gmm's arrays)."""
     seed = config.seed if seed is None else seed
-    z = (models.sample_gmm(gmm, n, seed).astype(np.float32) if gmm is not None
-         else prior_z(n, config.z_dim, seed))
+    with np.errstate(over='ignore', invalid='ignore'):
+        z = (models.sample_gmm(gmm, n, seed).astype(np.float32) if gmm is not None
+             else prior_z(n, config.z_dim, seed))
+    if not np.all(np.isfinite(z)):  # a mixture read_prior passed, yet too wide for float32
+        raise UsageError(f'the mixture prior of {config.run_dir} gives z that are not finite in '
+                         f'float32: fit it again (generate.py fit_prior)')
     return decode_images(vae, z, config.data_range,
                          'sampling the ' + ('mixture' if gmm is not None else 'normal') + ' prior')
 
@@ -776,15 +780,35 @@ def fit_prior(run_dir, config, vae, state, components=GMM_COMPONENTS, why=None):
 
 
 def read_prior(path):
-    """The arrays of a prior_gmm.npz; ValueError if they are not a mixture's."""
+    """The arrays of a prior_gmm.npz; ValueError if they are not a mixture's that samples
+    finite z: a file edited by hand or damaged on the disk (NaN, strings, a covariance that
+    is not positive definite or overflows float32) would otherwise crash the sampler or
+    decode garbage without a word; load_prior then fits it again, saying why."""
     with np.load(path, allow_pickle=False) as f:
         gmm = {k: f[k] for k in f.files}
     missing = {'weights', 'means', 'covariances', 'step', 'components'} - set(gmm)
     if missing:
         raise ValueError(f"no {', '.join(sorted(missing))}")
-    k, z_dim = gmm['means'].shape
-    if gmm['weights'].shape != (k,) or gmm['covariances'].shape != (k, z_dim, z_dim):
+    for key in ('step', 'components'):
+        if gmm[key].shape != () or gmm[key].dtype.kind not in 'iu':
+            raise ValueError(f'{key} is not an integer')
+    for key in ('weights', 'means', 'covariances'):
+        if gmm[key].dtype.kind not in 'fiu':
+            raise ValueError(f'{key} are not numbers')
+        with np.errstate(over='ignore'):
+            if not np.all(np.isfinite(gmm[key].astype(np.float32))):
+                raise ValueError(f'{key} are not finite (in float32)')
+    if gmm['means'].ndim != 2:
         raise ValueError('the arrays do not fit together')
+    k, z_dim = gmm['means'].shape
+    if gmm['weights'].shape != (k,) or gmm['covariances'].shape != (k, z_dim, z_dim) or k < 1:
+        raise ValueError('the arrays do not fit together')
+    if np.any(gmm['weights'] < 0) or not gmm['weights'].sum() > 0:
+        raise ValueError('the weights are not a distribution (negative, or all zero)')
+    try:
+        np.linalg.cholesky(gmm['covariances'].astype(np.float64))
+    except np.linalg.LinAlgError:
+        raise ValueError('a covariance is not positive definite') from None
     return gmm
 
 

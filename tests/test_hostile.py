@@ -16,6 +16,8 @@ import compare
 import data
 import evaluate
 import generate
+import run_folder
+import utils
 from conftest import TINY, run
 
 
@@ -184,3 +186,65 @@ def test_bad_generate_flags_are_one_line_and_exit_2(argv, words, capsys):
 def test_the_largest_seed_samples(trained, tmp_path):
     assert generate.main(['sample', '--run', trained, '--n', '2', '--seed', '2147483647',
                           '--out', str(tmp_path / 's.npz')]) == 0
+
+
+# ---- 6. prior_gmm.npz edited by hand: refitted, saying why; never a crash or garbage -----
+
+def good_prior(k=2, z_dim=4):
+    return dict(weights=np.full(k, 1 / k), means=np.zeros((k, z_dim)),
+                covariances=np.tile(np.eye(z_dim), (k, 1, 1)), step=np.array(2),
+                components=np.array(k))
+
+
+@pytest.mark.parametrize('edit, words', [
+    (dict(weights=np.array([np.nan, 0.5])), 'weights are not finite'),
+    (dict(weights=np.zeros(2)), 'weights are not a distribution'),
+    (dict(weights=np.array(['a', 'b'])), 'weights are not numbers'),
+    (dict(means=np.full((2, 4), np.nan)), 'means are not finite'),
+    (dict(covariances=np.tile(np.eye(4), (2, 1, 1)) * 1e300), 'covariances are not finite'),
+    (dict(covariances=-np.tile(np.eye(4), (2, 1, 1))), 'not positive definite'),
+    (dict(step=np.array([2, 3])), 'step is not an integer'),
+    (dict(components=np.array('2')), 'components is not an integer'),
+])
+def test_read_prior_refuses_an_edited_mixture(tmp_path, edit, words):
+    path = str(tmp_path / 'prior_gmm.npz')
+    np.savez(path, **{**good_prior(), **edit})
+    with pytest.raises(ValueError, match=words):
+        run_folder.read_prior(path)
+
+
+def test_read_prior_takes_a_good_mixture(tmp_path):
+    path = str(tmp_path / 'prior_gmm.npz')
+    np.savez(path, **good_prior())
+    assert run_folder.read_prior(path)['means'].shape == (2, 4)
+
+
+@pytest.mark.parametrize('edit', ['nan weights', 'vector step', 'huge covariances'])
+def test_an_edited_prior_is_refitted_in_one_line(trained, tmp_path, capsys, edit):
+    assert generate.main(['fit_prior', '--run', trained, '--components', '2']) == 0
+    path = os.path.join(trained, run_folder.PRIOR_FILE)
+    with np.load(path) as f:
+        gmm = {k: f[k] for k in f.files}
+    if edit == 'nan weights':
+        gmm['weights'] = np.array([np.nan, 0.5])
+    elif edit == 'vector step':
+        gmm['step'] = np.array([gmm['step'], gmm['step']])
+    else:
+        gmm['covariances'] = gmm['covariances'] * 1e300
+    np.savez(path, **gmm)
+    capsys.readouterr()
+    out = tmp_path / 's.npz'
+    assert generate.main(['sample', '--run', trained, '--n', '4', '--prior', 'gmm',
+                          '--out', str(out)]) == 0
+    captured = capsys.readouterr()
+    assert 'as the stored one cannot be read' in captured.out and 'Traceback' not in captured.err
+    with np.load(out) as f:
+        assert f['images'].shape == (4, 28, 28, 1)
+    run_folder.read_prior(path)  # the refitted one is good
+
+
+def test_prior_samples_refuse_z_that_are_not_finite(trained):
+    config = run_folder.read_config(trained)
+    gmm = {**good_prior(), 'covariances': np.tile(np.eye(4), (2, 1, 1)) * 1e100}
+    with pytest.raises(utils.UsageError, match='not finite in float32'):
+        run_folder.prior_samples(None, config, 3, gmm=gmm)
