@@ -12,6 +12,7 @@
 
 The commands (train, evaluate, generate, compare) read and write a run only through this module.
 """
+import argparse
 import dataclasses
 import datetime
 import errno
@@ -90,23 +91,7 @@ class Config:
 
     def check(self):
         """Raises UsageError for a setting that cannot work; fills in experiment_name."""
-        numbers = {'epochs': int, 'batch_size': int, 'z_dim': int, 'sample_every': int,
-                   'max_steps': int, 'checkpoint_every': int, 'lr': float}
-        for name, cast in numbers.items():
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    utils.positive(cast)(value)
-                except ValueError as e:  # argparse.ArgumentTypeError
-                    raise UsageError(f'--{name} {e}') from None
-        if not self.beta >= 0 or not math.isfinite(self.beta):
-            raise UsageError(f'--beta must be a non-negative number, got {self.beta}')
-        if self.log_sigma_min is not None and not math.isfinite(self.log_sigma_min):
-            raise UsageError(f"--log_sigma_min must be a finite number or 'none', got {self.log_sigma_min}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise UsageError(f'--seed must be between 0 and {MAX_SEED}, got {self.seed}')
-        if self.model not in losses.DECODERS:
-            raise UsageError(f'--model must be one of {", ".join(losses.DECODERS)}, got {self.model!r}')
+        self.check_values()
         if not self.dataset.strip():
             raise UsageError('--dataset must name a data set or a folder, got an empty string')
         if not self.output_dir.strip():
@@ -115,6 +100,35 @@ class Config:
             self.experiment_name = self.model
         utils.check_name(self.experiment_name, '--experiment_name')
         self.check_outside_data()
+
+    def check_values(self, name=lambda key: f'--{key}'):
+        """Raises UsageError for a value that no model can be built or trained with, named by
+        name(key): the flag for train.py, the key of config.json for read_config (a value
+        edited there would otherwise end in a traceback deep in Keras or in an out-of-memory
+        kill)."""
+        numbers = {'epochs': int, 'batch_size': int, 'z_dim': int, 'sample_every': int,
+                   'max_steps': int, 'checkpoint_every': int, 'lr': float, 'channels': int}
+        for key, cast in numbers.items():
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    utils.positive(cast)(value)
+                except argparse.ArgumentTypeError as e:
+                    raise UsageError(f'{name(key)} {e}') from None
+        if not self.beta >= 0 or not math.isfinite(self.beta):
+            raise UsageError(f'{name("beta")} must be a non-negative number, got {self.beta}')
+        if self.log_sigma_min is not None and not math.isfinite(self.log_sigma_min):
+            raise UsageError(f"{name('log_sigma_min')} must be a finite number or 'none', got "
+                             f"{self.log_sigma_min}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f'{name("seed")} must be between 0 and {MAX_SEED}, got {self.seed}')
+        choices = {'model': list(losses.DECODERS), 'image_size': sorted(models.ARCHITECTURES),
+                   'data_range': list(data.DATA_RANGES), 'strategy': list(STRATEGIES),
+                   'mixed_precision': [None, *PRECISIONS]}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                listed = ', '.join('none' if c is None else str(c) for c in allowed)
+                raise UsageError(f'{name(key)} must be one of {listed}, got {getattr(self, key)!r}')
 
     def check_outside_data(self):
         """Raises UsageError if the run folder is inside the image folder of --dataset (real
@@ -196,7 +210,30 @@ def read_config(run_dir):
         raise UsageError(f'{run_dir} is not a run folder (no {CONFIG_FILE})')
     config = Config(**read_config_file(path))
     config.output_dir, config.experiment_name = os.path.split(os.path.normpath(run_dir))
+    try:
+        config.check_values(lambda key: f'key {key!r}')
+        check_model_memory(config)
+    except UsageError as e:
+        raise UsageError(f'{path}: {e}; repair it or delete the run folder') from None
     return config
+
+
+def physical_memory():
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_model_memory(config):
+    """UsageError if the weights next to z alone (float32, one copy) exceed this machine's
+    memory: no checkpoint of such a z_dim can be loaded here (train.py refuses to make one)."""
+    needed, memory = 4 * models.latent_weights(config.image_size, config.z_dim), physical_memory()
+    if memory and needed > memory:
+        raise UsageError(f"key 'z_dim' {config.z_dim} is too large: its weights alone would need "
+                         f'about {needed / 2 ** 30:,.0f} GiB, more than the '
+                         f'{memory / 2 ** 30:,.0f} GiB of memory here')
 
 
 def check_resume(config):

@@ -297,11 +297,8 @@ def check_memory(config):
     float32 copies of each weight: the weights, their gradients, Adam's two moments, the
     initial values and the copy of a checkpoint being written."""
     needed = 6 * 4 * models.latent_weights(config.image_size, config.z_dim)
-    try:
-        memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (ValueError, OSError, AttributeError):
-        return
-    if needed > memory:
+    memory = run_folder.physical_memory()
+    if memory and needed > memory:
         raise UsageError(f'--z_dim {config.z_dim} is too large: the layers next to z alone would '
                          f'need about {needed / 2 ** 30:,.0f} GiB to train, '
                          f'more than the {memory / 2 ** 30:,.0f} GiB of memory here')

@@ -248,3 +248,35 @@ def test_prior_samples_refuse_z_that_are_not_finite(trained):
     gmm = {**good_prior(), 'covariances': np.tile(np.eye(4), (2, 1, 1)) * 1e100}
     with pytest.raises(utils.UsageError, match='not finite in float32'):
         run_folder.prior_samples(None, config, 3, gmm=gmm)
+
+
+# ---- 7. config.json values of the right type that no model has ----------------------------
+
+@pytest.mark.parametrize('key, value, words', [
+    ('batch_size', 0, "key 'batch_size' must be a positive integer"),
+    ('data_range', '0,2', "key 'data_range' must be one of -1,1, 0,1, got '0,2'"),
+    ('z_dim', 10 ** 9, "key 'z_dim' 1000000000 is too large"),
+    ('model', 'nonesuch', "key 'model' must be one of"),
+    ('image_size', 30, "key 'image_size' must be one of 28, 32, 64, got 30"),
+    ('channels', 0, "key 'channels' must be a positive integer"),
+    ('mixed_precision', 'float64', "key 'mixed_precision' must be one of none, float16"),
+])
+@pytest.mark.parametrize('command', ['generate', 'evaluate'])
+def test_config_values_no_model_has_are_one_line(trained, tmp_path, capsys, key, value, words,
+                                                 command):
+    import shutil
+    copy = tmp_path / 'r'
+    shutil.copytree(trained, copy)
+    path = copy / 'config.json'
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    capsys.readouterr()
+    if command == 'generate':
+        status = generate.main(['sample', '--run', str(copy), '--n', '2',
+                                '--out', str(tmp_path / 's.png')])
+    else:
+        status = evaluate.main(['--run', str(copy), '--features', 'none', '--iw_samples', '2'])
+    assert status == 2
+    line = one_error_line(capsys, command + '.py')
+    assert str(path) in line and words in line, line
