@@ -86,7 +86,7 @@ def parse_args(argv=None):
     try:
         args.beta_sweep = sorted({utils.positive(float)(b) for b in args.beta_sweep.split(',')
                                   if b.strip()})
-    except ValueError as e:  # argparse.ArgumentTypeError
+    except argparse.ArgumentTypeError as e:  # not a ValueError
         parser.error(f'--beta_sweep must list positive numbers: {e}')
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         parser.error(f'--output_dir {args.output_dir} is a file, not a folder')

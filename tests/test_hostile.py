@@ -280,3 +280,11 @@ def test_config_values_no_model_has_are_one_line(trained, tmp_path, capsys, key,
     assert status == 2
     line = one_error_line(capsys, command + '.py')
     assert str(path) in line and words in line, line
+
+
+def test_a_beta_sweep_of_zero_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.parse_args(['--models', 'sigma', '--beta_sweep', '0,1'])
+    assert e.value.code == 2
+    assert "--beta_sweep must list positive numbers: must be a positive number, got '0'" in \
+        one_error_line(capsys, 'compare.py')
