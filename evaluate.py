@@ -270,6 +270,8 @@ def evaluate_run(run_dir, iw_samples=1000, iw_images=None, fid_samples=10000, fe
     run's prior_gmm.npz, fitted first if it is missing, stale or has another number of
     components than `components` (see load_prior).
     """
+    run_folder.read_config(run_dir)  # a run folder, before any other complaint
+    run_folder.check_writable(run_dir, 'evaluate.py')
     with contextlib.ExitStack() as stack:
         stack.enter_context(utils.private_tempdir())
         if export and os.path.isdir(run_dir):  # it writes into the run folder: one writer

@@ -218,6 +218,19 @@ def read_config(run_dir):
     return config
 
 
+def check_writable(run_dir, program, folders=('', IMAGES)):
+    """UsageError unless the process can write into the run folder (and its `folders` that
+    exist): a read-only folder or file system is said before the minutes of work whose results
+    (evaluation.json, prior_gmm.npz, images/) it could not keep. A full disk still fails later,
+    on the write, in one line."""
+    for name in folders:
+        folder = os.path.join(run_dir, name) if name else run_dir
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f'cannot write into {folder} (read-only): {program} writes its '
+                             f'results into the run folder; make it writable, or copy the run '
+                             f'elsewhere')
+
+
 def physical_memory():
     """This machine's memory in bytes, or None where the system does not say."""
     try:

@@ -288,3 +288,23 @@ def test_a_beta_sweep_of_zero_is_one_line(capsys):
     assert e.value.code == 2
     assert "--beta_sweep must list positive numbers: must be a positive number, got '0'" in \
         one_error_line(capsys, 'compare.py')
+
+
+# ---- 8. evaluate.py on a run folder it cannot write: said before the work ---------------------
+
+@pytest.mark.parametrize('where', ['', 'images'])
+def test_evaluate_refuses_a_read_only_run_before_the_evaluation(trained, tmp_path, capsys,
+                                                                monkeypatch, where):
+    import shutil
+    copy = tmp_path / 'r'
+    shutil.copytree(trained, copy)
+    read_only = str(copy / where) if where else str(copy)
+    access = os.access
+    # What a read-only mount answers (chmod does not stop root, who may run the tests).
+    monkeypatch.setattr(os, 'access', lambda path, mode: False if (
+        os.fspath(path) == read_only and mode & os.W_OK) else access(path, mode))
+    monkeypatch.setattr(evaluate, '_evaluate_run', lambda *a: pytest.fail('evaluated'))
+    capsys.readouterr()
+    assert evaluate.main(['--run', str(copy), '--features', 'none', '--iw_samples', '2']) == 2
+    line = one_error_line(capsys, 'evaluate.py')
+    assert f'cannot write into {read_only} (read-only)' in line
