@@ -31,6 +31,7 @@ from utils import UsageError  # noqa: E402
 
 IMAGE_OUTPUTS = ('.png', '.npz', 'folder')
 GRID_COLUMNS = 10  # images per row of a .png grid (5 input-reconstruction pairs)
+MAX_RANGE = 1e6  # traverse --range: |z| of N(0, I) is a few units; far beyond, float32 overflows
 
 
 # ---- where the images come from and where they go -------------------------------
@@ -118,6 +119,21 @@ def write_output(path, kind, tiles, columns, **arrays):
     print(f'wrote {path}')
 
 
+def check_count(run, count, flag, config=None):
+    """UsageError, before the run is loaded, if `count` images at the run's size (and their z)
+    would take more than half of this machine's memory: they are held whole until written,
+    and such a request would end in an out-of-memory traceback or kill after minutes."""
+    config = config or run_folder.read_config(run)
+    size = config.image_size ** 2 * config.channels
+    needed = count * (2 * size + 3 * 8 * config.z_dim)  # uint8 images and a grid; float64 z
+    memory = run_folder.physical_memory()
+    if memory and needed > memory / 2:
+        raise UsageError(f'{flag} asks for {count:,} images of {config.image_size}x'
+                         f'{config.image_size}x{config.channels}: about {needed / 2 ** 30:,.0f} GiB '
+                         f'in memory, more than half of the {memory / 2 ** 30:,.0f} GiB here; ask '
+                         f'for fewer')
+
+
 def decode(vae, z, config):
     return run_folder.decode_images(vae, z, config.data_range)
 
@@ -129,6 +145,7 @@ def encode(vae, images, config):
 # ---- the sub-commands -----------------------------------------------------------
 
 def sample(args):
+    check_count(args.run, args.n, f'--n {args.n}')
     config, vae, state = run_folder.load_model(args.run)
     kind = output_kind(args.out)
     gmm = (run_folder.load_prior(args.run, config, vae, state, args.components)
@@ -163,6 +180,7 @@ def slerp(a, b, t):
 
 def interpolate(args):
     check_image_flags(args, 2)
+    check_count(args.run, 2 * (args.steps + 2), f'--steps {args.steps}')
     config, vae, state = run_folder.load_model(args.run)
     if args.test_images is not None:
         images = test_images(args.test_images, config, state)[0]
@@ -180,12 +198,17 @@ def interpolate(args):
 
 
 def traverse(args):
-    config, vae, _ = run_folder.load_model(args.run)
+    config = run_folder.read_config(args.run)
     dims = list(range(config.z_dim)) if args.dims is None else args.dims
     bad = [d for d in dims if not 0 <= d < config.z_dim]
     if bad:
         raise UsageError(f'--dims must be between 0 and {config.z_dim - 1} (z_dim {config.z_dim}), '
                          f'got {bad[0]}')
+    if args.range > MAX_RANGE:
+        raise UsageError(f'--range must be at most {MAX_RANGE:g} (z of the prior lies within a '
+                         f'few units of 0; far beyond, float32 overflows), got {args.range:g}')
+    check_count(args.run, len(dims) * args.steps, f'--steps {args.steps}', config)
+    config, vae, _ = run_folder.load_model(args.run)
     image = read_image(args.image, config, '--image') if args.image else None
     kind = output_kind(args.out)
     if image is None:

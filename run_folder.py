@@ -758,9 +758,14 @@ def decode_images(vae, z, data_range, desc='decoding'):
     bar when N is large)."""
     z = np.asarray(z, np.float32)
     batches = range(0, len(z), BATCH)
-    out = [vae.decode(z[i:i + BATCH]) for i in utils.progress(
-        batches, len(z) >= PROGRESS_MIN, desc=desc, unit='batch', leave=False)]
-    return data.to_uint8(np.concatenate(out), data_range)
+    out = []
+    for i in utils.progress(batches, len(z) >= PROGRESS_MIN, desc=desc, unit='batch', leave=False):
+        decoded = np.asarray(vae.decode(z[i:i + BATCH]))
+        if not np.all(np.isfinite(decoded)):  # to_uint8 would make them black, silently
+            raise UsageError('the decoder gives values that are not finite for these z (they '
+                             'are too far from the prior): ask for z nearer 0')
+        out.append(data.to_uint8(decoded, data_range))  # uint8 per batch: N float64 would not fit
+    return np.concatenate(out)
 
 
 def encode_images(vae, images, num_images, config):

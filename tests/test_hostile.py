@@ -308,3 +308,27 @@ def test_evaluate_refuses_a_read_only_run_before_the_evaluation(trained, tmp_pat
     assert evaluate.main(['--run', str(copy), '--features', 'none', '--iw_samples', '2']) == 2
     line = one_error_line(capsys, 'evaluate.py')
     assert f'cannot write into {read_only} (read-only)' in line
+
+
+# ---- 9. generate.py sizes and ranges beyond any machine: refused before loading -------------
+
+@pytest.mark.parametrize('argv, words', [
+    (['sample', '--n', '200000000'], '--n 200000000 asks for 200,000,000 images of 28x28x1'),
+    (['interpolate', '--test_images', '0,1', '--steps', '100000000'],
+     '--steps 100000000 asks for 200,000,004 images'),
+    (['traverse', '--steps', '100000000'], '--steps 100000000 asks for 400,000,000 images'),
+    (['traverse', '--range', '1e300'], '--range must be at most 1e+06'),
+])
+def test_huge_outputs_are_refused_up_front(trained, tmp_path, capsys, monkeypatch, argv, words):
+    monkeypatch.setattr(run_folder, 'physical_memory', lambda: 2 ** 34)
+    monkeypatch.setattr(run_folder, 'load_model', lambda *a, **k: pytest.fail('loaded'))
+    assert generate.main(argv + ['--run', trained, '--out', str(tmp_path / 'x.npz')]) == 2
+    assert words in one_error_line(capsys, 'generate.py')
+    assert not os.path.exists(tmp_path / 'x.npz')
+
+
+def test_decoded_values_that_are_not_finite_are_refused(trained):
+    config = run_folder.read_config(trained)
+    vae = types.SimpleNamespace(decode=lambda z: np.full((len(z), 28, 28, 1), np.nan, np.float32))
+    with pytest.raises(utils.UsageError, match='not finite'):
+        run_folder.decode_images(vae, np.zeros((3, 4)), config.data_range)
