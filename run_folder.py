@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import gc
 import json
 import math
 import os
@@ -565,8 +566,16 @@ class Checkpoints:
         raises UsageError naming them, unless `restart`: then the run starts over from step 0.
         """
         folder = CheckpointFolder(self.directory)
-        path, skipped = folder.find(self._restore_from)
+        # A checkpoint of another model (a config.json edited to another z_dim or model) fails
+        # to restore, which is said in one line; TensorFlow would add a warning per variable
+        # as the failed restore's objects are deleted (gc.collect: here, not later).
+        with utils.quiet_logger('tensorflow'):
+            path, skipped = folder.find(self._restore_from)
+            gc.collect()
         if skipped and not path and not restart:
+            # The model keeps the failed restores' pending values, and deleting it as the
+            # command ends with this error would log them all: quiet from here on.
+            utils.quiet_logger('tensorflow').__enter__()
             advice = (f'start over with --restart (damaged files are kept in '
                       f'{os.path.join(self.directory, DAMAGED)}/), or delete the run folder'
                       if write else 'fix or restore the files')

@@ -332,3 +332,28 @@ def test_decoded_values_that_are_not_finite_are_refused(trained):
     vae = types.SimpleNamespace(decode=lambda z: np.full((len(z), 28, 28, 1), np.nan, np.float32))
     with pytest.raises(utils.UsageError, match='not finite'):
         run_folder.decode_images(vae, np.zeros((3, 4)), config.data_range)
+
+
+# ---- 10. a config.json of another model than its checkpoint: one line, no TF warnings ---------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('key, value', [('z_dim', 5), ('model', 'sigma_pixel'), ('image_size', 32)])
+def test_a_config_of_another_model_is_refused_in_exactly_one_line(trained, tmp_path, key, value):
+    import shutil
+    import subprocess
+    import sys
+    copy = tmp_path / 'r'
+    shutil.copytree(trained, copy)
+    path = copy / 'config.json'
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'generate.py'), 'sample', '--run',
+                           str(copy), '--n', '2', '--out', str(tmp_path / 's.png')],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and 'does not restore' not in lines[0] and \
+        lines[0].startswith('generate.py: error: no checkpoint in'), proc.stderr[-2000:]
