@@ -65,9 +65,22 @@ class RunFailed(UsageError):
     status 1): a loss that went non-finite, a checkpoint that could not be written."""
 
 
+_signalled = []  # the signals _interrupted has raised on
+
+
 def _interrupted(signum, frame):
     os.write(_STDERR, f'{_prog()}: interrupted\n'.encode())
+    _signalled.append(signum)
     raise SystemExit(128 + signum)
+
+
+def _unraisable(hook):
+    """sys.unraisablehook without the traceback of an interrupt raised inside a destructor (a
+    TensorFlow function's __del__), which Python swallows; run_command still exits 130."""
+    def unraisable(info):
+        if not (isinstance(info.exc_value, SystemExit) and _signalled):
+            hook(info)
+    return unraisable
 
 
 def run_command(prog, parse_args, function, argv=None):
@@ -75,12 +88,22 @@ def run_command(prog, parse_args, function, argv=None):
     call function(args), and end any error in one line `<prog>: error: ...` with its status:
     UsageError 2, RunFailed 1, OSError 1 (a full disk, say). From here on a Ctrl-C raises
     SystemExit(130), so that a command's own cleanup runs (training saves its checkpoint: see
-    Interrupts); an interrupted command ignores further signals on its way out."""
-    if _is_command() and threading.current_thread() is threading.main_thread():
+    Interrupts); an interrupted command ignores further signals on its way out.
+
+    Once function(args) has returned, its work is done and said ('wrote ...'), and its status
+    is decided: a Ctrl-C while Python and TensorFlow shut down (a second or more) is ignored.
+    A handler cannot serve there: Python resets its handlers to the default late in its
+    shutdown, and the signal would kill the process (status -2, no line), or raise inside a
+    destructor (a traceback, status 0)."""
+    command = _is_command()
+    if command and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _interrupted)
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
     args = parse_args(argv)
     try:
         function(args)
+        if command and _signalled:  # the interrupt was raised in a destructor, and swallowed
+            return 128 + _signalled[0]
     except UsageError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 1 if isinstance(e, RunFailed) else 2
@@ -94,6 +117,9 @@ def run_command(prog, parse_args, function, argv=None):
     except SystemExit:  # interrupted (130, 143): whatever had to be saved is saved
         ignore_interrupts()
         raise
+    finally:
+        if command:  # not in a test's process, which calls main() and goes on
+            ignore_interrupts()
     return 0
 
 

@@ -357,3 +357,24 @@ def test_a_config_of_another_model_is_refused_in_exactly_one_line(trained, tmp_p
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and 'does not restore' not in lines[0] and \
         lines[0].startswith('generate.py: error: no checkpoint in'), proc.stderr[-2000:]
+
+
+# ---- 11. a Ctrl-C after the work is written: no kill by SIGINT, no traceback -------------------
+
+@pytest.mark.parametrize('delay', [0.0, 0.05, 0.3])
+def test_a_ctrl_c_after_wrote_ends_without_a_traceback(trained, tmp_path, delay):
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, '-u', os.path.join(REPO, 'generate.py'), 'sample',
+                             '--run', trained, '--n', '4', '--out', str(tmp_path / 's.png')],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith('wrote ')
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    # 0: the signal came after the work was done and is ignored; 130: it came before
+    # generate.py's function returned, and is said.
+    assert (proc.returncode, err) in ((0, ''), (130, 'generate.py: interrupted\n')), \
+        (proc.returncode, err[-2000:])
