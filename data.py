@@ -298,7 +298,8 @@ def read_images(path, image_size, channels):
             raise UsageError(f"cannot read image '{path}' ({type(image).__name__})")
         return image[None], [path]
     if not os.path.isdir(path):
-        raise UsageError(f"image path '{path}' does not exist")
+        raise UsageError(f"image path '{path}' " + (
+            'is not a regular file or a folder' if os.path.exists(path) else 'does not exist'))
     files, others = list_images(path)
     kept = _read_files(files, mode, image_size, others)
     if not kept:
@@ -394,7 +395,8 @@ def load_folder(folder, image_size, seed=0, check_files=False):
     were then.
     """
     if not os.path.isdir(folder):
-        raise UsageError(f"image folder '{folder}' does not exist")
+        raise UsageError(f"image folder '{folder}' " + (
+            'is not a folder' if os.path.exists(folder) else 'does not exist'))
     files, sizes, others = _list_sizes(folder)
     if check_files:
         modes = [_mode(path) for path in files]

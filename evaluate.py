@@ -292,6 +292,10 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
     start = time.time()
     config, vae, state = run_folder.load_model(run_dir)
     splits = state.splits
+    if 'gmm' in priors and components and components > splits.num_train:
+        # Said before the first prior's samples and grid are written, not at the fit.
+        raise UsageError(f'--components must be between 1 and the number of training images '
+                         f'({splits.num_train}), got {components}')
     test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
                                  drop_remainder=False, data_range=config.data_range)
     result = {'run': run_dir, 'model': config.model, 'beta': config.beta,

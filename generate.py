@@ -93,6 +93,9 @@ def output_kind(path, allowed=IMAGE_OUTPUTS):
         raise UsageError(f"--out must be {' or '.join(names[k] for k in allowed)}, got '{path}'")
     if kind != 'folder' and os.path.isdir(path):
         raise UsageError(f"--out '{path}' is a folder, not a {kind} file")
+    if kind == 'folder' and os.path.isfile(os.path.join(path, run_folder.CONFIG_FILE)):
+        raise UsageError(f"--out '{path}' is a run folder: its PNGs would lie among the run's "
+                         f"files; give a folder of their own, e.g. {os.path.join(path, 'samples')}")
     existing = os.path.abspath(path if kind == 'folder' else os.path.dirname(os.path.abspath(path)))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

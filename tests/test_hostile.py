@@ -378,3 +378,41 @@ def test_a_ctrl_c_after_wrote_ends_without_a_traceback(trained, tmp_path, delay)
     # generate.py's function returned, and is said.
     assert (proc.returncode, err) in ((0, ''), (130, 'generate.py: interrupted\n')), \
         (proc.returncode, err[-2000:])
+
+
+# ---- 12. smaller refusals: before anything is written, and saying what is wrong ----------------
+
+def test_compare_refuses_one_fid_sample_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.main(['--models', 'sigma', '--fid_samples', '1', '--output_dir', str(tmp_path)])
+    assert e.value.code == 2
+    assert 'at least 2' in one_error_line(capsys, 'compare.py')
+    assert os.listdir(tmp_path) == []
+
+
+def test_evaluate_refuses_too_many_components_before_writing(trained, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / 'r'
+    shutil.copytree(trained, copy)
+    before = {name: os.path.getmtime(copy / name) for name in files_under(copy)}
+    capsys.readouterr()
+    assert evaluate.main(['--run', str(copy), '--features', 'none', '--iw_samples', '2',
+                          '--components', '1000']) == 2
+    assert ('--components must be between 1 and the number of training images (40), got 1000'
+            in one_error_line(capsys, 'evaluate.py'))
+    assert {name: os.path.getmtime(copy / name) for name in files_under(copy)} == before
+
+
+def test_sample_refuses_the_run_folder_as_out(trained, capsys):
+    before = files_under(trained)
+    assert generate.main(['sample', '--run', trained, '--n', '2', '--out', trained]) == 2
+    assert 'is a run folder' in one_error_line(capsys, 'generate.py')
+    assert files_under(trained) == before
+
+
+def test_images_that_are_a_fifo_are_not_said_to_be_missing(trained, tmp_path, capsys):
+    fifo = tmp_path / 'fifo'
+    os.mkfifo(fifo)
+    assert generate.main(['reconstruct', '--run', trained, '--images', str(fifo),
+                          '--out', str(tmp_path / 'x.png')]) == 2
+    assert 'is not a regular file or a folder' in one_error_line(capsys, 'generate.py')
