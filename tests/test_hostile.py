@@ -416,3 +416,37 @@ def test_images_that_are_a_fifo_are_not_said_to_be_missing(trained, tmp_path, ca
     assert generate.main(['reconstruct', '--run', trained, '--images', str(fifo),
                           '--out', str(tmp_path / 'x.png')]) == 2
     assert 'is not a regular file or a folder' in one_error_line(capsys, 'generate.py')
+
+
+# ---- 13. readers beside a training run: evaluate.py works, evaluate.py --export waits its turn ---
+
+HOLD_LOCK = '''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import run_folder
+with run_folder.FolderLock(sys.argv[2], 'train.py'):
+    print('locked', flush=True)
+    time.sleep(600)
+'''
+
+
+def test_evaluate_runs_while_another_process_holds_the_lock(trained, tmp_path, capsys):
+    import shutil
+    import subprocess
+    import sys
+    copy = tmp_path / 'r'
+    shutil.copytree(trained, copy)
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, REPO, str(copy)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        argv = ['--run', str(copy), '--features', 'none', '--iw_samples', '2', '--prior', 'normal']
+        assert evaluate.main(argv) == 0
+        assert (copy / 'evaluation.json').exists()
+        capsys.readouterr()
+        assert evaluate.main(argv + ['--export']) == 2
+        assert 'is in use by process' in one_error_line(capsys, 'evaluate.py')
+        assert not (copy / 'samples.npz').exists()
+    finally:
+        holder.kill()
+        holder.wait()
