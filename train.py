@@ -482,11 +482,21 @@ def _run(config, strategy, trainer, splits, steps_per_epoch, interrupts):
     return row
 
 
+BITS_PER_VALUE = 8  # a uniform guess over the 256 values of a pixel
+
+
 def format_row(row):
-    """A metrics row on one line: the step, then the test metrics."""
+    """A metrics row on one line: the step, then the test metrics. A test figure of the 8-bit
+    values above 8 bits/dim (worse than a uniform guess) is flagged: early in training it comes
+    from batch norm's moving statistics, which lag the weights, not from the model, and
+    evaluate.py (which recomputes them) measures it."""
     keys = ['step', 'epoch'] + [k for k in row if k.startswith('test_')]
-    return ' '.join(f'{k} {row[k]:.5g}' if isinstance(row[k], float) else f'{k} {row[k]}'
+    line = ' '.join(f'{k} {row[k]:.5g}' if isinstance(row[k], float) else f'{k} {row[k]}'
                     for k in keys)
+    if row.get('test_bits_per_dim_discrete', 0) > BITS_PER_VALUE:
+        line += (f' (above {BITS_PER_VALUE} bits/dim: batch norm\'s moving statistics lag the '
+                 f'weights; evaluate.py measures)')
+    return line
 
 
 def end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch, save=True):

@@ -450,3 +450,15 @@ def test_evaluate_runs_while_another_process_holds_the_lock(trained, tmp_path, c
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---- 14. a training row above 8 bits/dim on 8-bit values is flagged ----------------------------
+
+def test_a_row_above_8_bits_per_dim_is_flagged():
+    import train
+    row = {'step': 5, 'epoch': 1.0, 'test_loss': 10.0, 'test_bits_per_dim_discrete': 8.4}
+    line = train.format_row(row)
+    assert line.startswith('step 5 epoch 1 test_loss 10 test_bits_per_dim_discrete 8.4 (above 8 '
+                           'bits/dim: ') and 'evaluate.py measures' in line
+    assert '(above' not in train.format_row({**row, 'test_bits_per_dim_discrete': 7.9})
+    assert '(above' not in train.format_row({'step': 5, 'epoch': 1.0, 'test_loss': 10.0})
