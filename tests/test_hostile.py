@@ -462,3 +462,18 @@ def test_a_row_above_8_bits_per_dim_is_flagged():
                            'bits/dim: ') and 'evaluate.py measures' in line
     assert '(above' not in train.format_row({**row, 'test_bits_per_dim_discrete': 7.9})
     assert '(above' not in train.format_row({'step': 5, 'epoch': 1.0, 'test_loss': 10.0})
+
+
+def test_evaluate_on_a_full_disk_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+    copy = tmp_path / 'r'
+    shutil.copytree(trained, copy)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(utils, 'atomic_write', full)
+    capsys.readouterr()
+    assert evaluate.main(['--run', str(copy), '--features', 'none', '--iw_samples', '2',
+                          '--prior', 'normal', '--fid_samples', '4']) == 1
+    assert 'No space left on device' in one_error_line(capsys, 'evaluate.py')
