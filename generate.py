@@ -313,6 +313,7 @@ def export(args):
     tmp, old = (os.path.join(parent, f'.tmp-{name}-{kind}-{os.getpid()}') for kind in ('new', 'old'))
     try:
         saved_model(vae, config).write_out(tmp, verbose=False)
+        utils.give_umask_permissions(tmp)  # TensorFlow writes 755 folders whatever the umask
         if os.path.isdir(out):
             os.replace(out, old)
         os.replace(tmp, out)

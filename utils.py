@@ -318,6 +318,18 @@ def append_lines(path, lines):
         os.fsync(f.fileno())
 
 
+def give_umask_permissions(folder):
+    """Gives a folder written by another library, and everything in it, the permissions the
+    umask gives a new folder or file (as open() and os.makedirs would), so that a shared output
+    folder's group can read it as it reads the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def remove_temporary_files(folder):
     """Deletes what atomic_write leaves behind when a process is killed mid-write."""
     for root, _, names in os.walk(folder):

@@ -6,6 +6,7 @@ Small data the tests make themselves, tiny runs (TINY, --max_steps 2).
 """
 import json
 import os
+import stat
 import types
 
 import numpy as np
@@ -477,3 +478,18 @@ def test_evaluate_on_a_full_disk_is_one_line(trained, tmp_path, capsys, monkeypa
     assert evaluate.main(['--run', str(copy), '--features', 'none', '--iw_samples', '2',
                           '--prior', 'normal', '--fid_samples', '4']) == 1
     assert 'No space left on device' in one_error_line(capsys, 'evaluate.py')
+
+
+def test_a_saved_model_gets_the_permissions_of_the_umask(trained, tmp_path):
+    # TensorFlow's SavedModel writer makes 755 folders whatever the umask; a group-shared
+    # output folder (umask 002) needs them group-writable like every other file of the run.
+    previous = os.umask(0o002)
+    try:
+        assert generate.main(['export', '--run', trained, '--out',
+                              str(tmp_path / 'sm')]) == 0
+    finally:
+        os.umask(previous)
+    for root, dirs, files in os.walk(tmp_path / 'sm'):
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o775, root
+        for name in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == 0o664, name
