@@ -218,3 +218,58 @@ def test_resnet_resume_equals_an_uninterrupted_run(tmp_path):
     for a, b in zip(whole.vae.weights, second.vae.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(second.skipped_updates.numpy()) == int(whole.skipped_updates.numpy()) == 0
+
+
+# Runs in a fresh process: logical devices must be set before TensorFlow starts.
+MIRRORED_HEURISTICS = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+import run_folder
+import train
+
+x = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype('float32')
+mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+result = []
+for name, strategy, threshold in (('one', tf.distribute.get_strategy(), 1e9),
+                                  ('two', mirrored, 1e9), ('skip', mirrored, 1e-6)):
+    config = run_folder.Config(model='optimal', batch_size=8, z_dim=4, output_dir=sys.argv[2],
+                               experiment_name=name, channels=1, arch='resnet', width=4, depth=1,
+                               kl_warmup=1, free_bits=0.5, skip_threshold=threshold)
+    trainer = train.Trainer(config, strategy)
+    with strategy.scope():
+        trainer.optimizer = keras.optimizers.SGD(1e-5)
+        trainer.optimizer.build(trainer.vae.trainable_variables)
+    before = [np.asarray(v) for v in trainer.vae.trainable_variables]
+    batches = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(x).batch(8))
+    for _ in range(2):
+        for batch in batches:
+            stats = trainer.train_step(batch)
+    result.append({'loss': float(stats['loss']), 'skipped': int(trainer.skipped_updates.numpy()),
+                   'change': [(np.asarray(v) - w).tolist()
+                              for v, w in zip(trainer.vae.trainable_variables, before)]})
+json.dump(result, open(os.path.join(sys.argv[2], 'result.json'), 'w'))
+'''
+
+
+def test_the_heuristics_on_two_replicas_equal_one_device(tmp_path):
+    """kl_warmup, free_bits and skip_threshold under MirroredStrategy: the step of one device
+    (the free-bits test and the gradient norm are the global batch's), and a skip is a skip."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-c', MIRRORED_HEURISTICS, repo, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two, skip = json.load(open(tmp_path / 'result.json'))
+    assert two['loss'] == pytest.approx(one['loss'], rel=1e-4)
+    assert one['skipped'] == two['skipped'] == 0 and skip['skipped'] == 2
+    for a, b in zip(one['change'], two['change']):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a).max() > 0 or np.abs(b).max() == 0
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max() + 1e-9)
+    assert all(np.abs(np.asarray(c)).max() == 0 for c in skip['change'])
