@@ -291,16 +291,20 @@ class FitVAE(keras.Model):
     (build and compile in its scope) the optimal sigma* and the metrics are the global
     batch's, and the replicas' gradients add up to the global batch's. The noise of a
     training step is drawn for the global batch from (seed, the optimizer's iteration count),
-    as the Trainer's from (seed, step); evaluation draws from (seed, -1 - iterations), the
+    as the Trainer's from (seed, step); kl_warmup (steps) and free_bits (nats) are train.py's
+    --kl_warmup and --free_bits (see losses.kl_weight, losses.free_bits_kl), the step being
+    the optimizer's iteration count. Evaluation draws from (seed, -1 - iterations), the
     same for every test batch, so that evaluate() is deterministic. Training logs the
     per-step means of losses.METRICS; evaluate() their per-image means over the test set
     and bits_per_dim_discrete (the 8-bit values), with test_terms (no look at x for sigma).
     """
 
-    def __init__(self, encoder, decoder, likelihood, beta=1.0, seed=0, **kwargs):
+    def __init__(self, encoder, decoder, likelihood, beta=1.0, seed=0, kl_warmup=None,
+                 free_bits=None, **kwargs):
         super().__init__(**kwargs)
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
         self.beta, self.seed = float(beta), int(seed)
+        self.kl_warmup, self.free_bits = kl_warmup, free_bits
         self.trackers = {k: keras.metrics.Mean(name=k)
                          for k in losses.METRICS + ('bits_per_dim_discrete',)}
         self.built = True  # the encoder and decoder are built networks
@@ -308,7 +312,8 @@ class FitVAE(keras.Model):
     def get_config(self):  # for Keras' saving of the whole model (.keras, ModelCheckpoint)
         nets = {k: keras.saving.serialize_keras_object(getattr(self, k))
                 for k in ('encoder', 'decoder', 'likelihood')}
-        return {'name': self.name, **nets, 'beta': self.beta, 'seed': self.seed}
+        return {'name': self.name, **nets, 'beta': self.beta, 'seed': self.seed,
+                'kl_warmup': self.kl_warmup, 'free_bits': self.free_bits}
 
     @classmethod
     def from_config(cls, config):
@@ -336,8 +341,10 @@ class FitVAE(keras.Model):
         mu, log_var = self.encoder(x, training=training)
         eps = replica_noise(tf.shape(mu), self.seed, step)
         params = self.decoder(reparameterize(mu, log_var, eps), training=training)
-        return x, losses.vae_loss(self.likelihood, x, params, mu, log_var, self.beta,
-                                  losses.replica_mean, losses.replica_batch(x), training)
+        beta = losses.kl_weight(self.beta, step, self.kl_warmup) if training else self.beta
+        return x, losses.vae_loss(self.likelihood, x, params, mu, log_var, beta,
+                                  losses.replica_mean, losses.replica_batch(x), training,
+                                  self.free_bits)
 
     def train_step(self, data):
         with tf.GradientTape() as tape:

@@ -273,3 +273,27 @@ def test_the_heuristics_on_two_replicas_equal_one_device(tmp_path):
         assert np.abs(a).max() > 0 or np.abs(b).max() == 0
         np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max() + 1e-9)
     assert all(np.abs(np.asarray(c)).max() == 0 for c in skip['change'])
+
+
+def test_fit_with_kl_warmup_and_free_bits_trains_the_weights_of_the_trainer(tmp_path):
+    from test_fit import LR, STEPS, assert_same_weights
+    options = dict(arch='resnet', **TINY_NET, kl_warmup=2, free_bits=0.5)
+    trainer = _trainer(tmp_path, 'heuristics', lr=LR, **options)
+    trainer.optimizer = keras.optimizers.SGD(LR)
+    trainer.optimizer.build(trainer.vae.trainable_variables)
+    vae = run_folder.make_vae(trainer.config)
+    vae.set_weights(trainer.vae.get_weights())
+    fit = models.FitVAE(vae.encoder, vae.decoder, vae.likelihood, seed=3, kl_warmup=2,
+                        free_bits=0.5)
+    fit.compile(keras.optimizers.SGD(LR))
+    assert (fit.get_config()['kl_warmup'], fit.get_config()['free_bits']) == (2, 0.5)
+    before = [np.asarray(v) for v in vae.weights]
+    x = np.random.default_rng(0).uniform(-1, 1, (STEPS * 8, 28, 28, 1)).astype('float32')
+    for i in range(STEPS):
+        trainer.train_step(tf.constant(x[8 * i:8 * (i + 1)]))
+    history = fit.fit(tf.data.Dataset.from_tensor_slices(x).batch(8), epochs=1, shuffle=False,
+                      verbose=0).history
+    assert_same_weights(before, [np.asarray(v) for v in trainer.vae.weights],
+                        [np.asarray(v) for v in vae.weights])
+    for k, v in trainer.train_means().items():
+        assert history[k][-1] == pytest.approx(v, rel=1e-4, abs=1e-5), k
