@@ -297,3 +297,23 @@ def test_fit_with_kl_warmup_and_free_bits_trains_the_weights_of_the_trainer(tmp_
                         [np.asarray(v) for v in vae.weights])
     for k, v in trainer.train_means().items():
         assert history[k][-1] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
+def test_skipped_updates_in_the_metrics_rows_across_a_resume(image_folder, tmp_path):
+    from conftest import TINY, run
+    args = ['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name', 's',
+            '--width', '4', '--skip_threshold', '1e-6'] + TINY
+    assert run(args + ['--max_steps', '2']) == 0
+    assert run(args + ['--max_steps', '3']) == 0  # restores the counter from the checkpoint
+    rows = [json.loads(line) for line in open(tmp_path / 's' / 'metrics.jsonl')]
+    assert [(r['step'], r['skipped_updates']) for r in rows] == [(2, 2), (3, 3)]
+
+
+def test_a_checkpoint_without_counters_restores_them_at_zero(tmp_path):
+    step = tf.Variable(5, dtype=tf.int64)
+    run_folder.Checkpoints(str(tmp_path), dict(step=step)).save(5, [])
+    skipped = tf.Variable(7, dtype=tf.int64)
+    checkpoints = run_folder.Checkpoints(str(tmp_path), dict(step=step),
+                                         counters=dict(skipped_updates=skipped))
+    assert checkpoints.restore().endswith('ckpt-5')
+    assert int(skipped.numpy()) == 0
