@@ -101,6 +101,21 @@ def test_flags_and_their_checks():
     assert {'arch', 'width', 'depth'} <= set(compare.SHARED_FLAGS)
 
 
+@pytest.mark.parametrize('argv, words', [
+    (['--arch', 'vgg'], "invalid choice: 'vgg'"),
+    (['--depth', '2'], '--arch original has no --depth'),
+    (['--arch', 'resnet', '--width', '0'], "--width: must be a positive integer, got '0'"),
+    (['--kl_warmup', '-1'], "--kl_warmup: must be a positive integer, got '-1'"),
+    (['--free_bits', 'inf'], "--free_bits: must be a positive number, got 'inf'"),
+    (['--skip_threshold', '0'], "--skip_threshold: must be a positive number, got '0'"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, words, capsys):
+    from conftest import run
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert words in err[-1] and 'Traceback' not in ''.join(err)
+
+
 def _fake_run(tmp_path, saved):
     """A run folder with config.json `saved` and one (meaningless) checkpoint."""
     run_dir = tmp_path / 'old'
