@@ -57,7 +57,7 @@ BETA_VAE_MODEL = 'gaussian'  # the fixed-sigma decoder a beta-VAE weights
 # train.py's flags that a comparison shares across its runs (Config fields), and its defaults
 # where they differ from train.py's.
 SHARED_FLAGS = ('output_dir', 'dataset', 'data_dir', 'data_range', 'epochs', 'max_steps',
-                'batch_size', 'image_size', 'z_dim', 'seed')
+                'batch_size', 'image_size', 'z_dim', 'seed', 'arch', 'width', 'depth')
 DEFAULTS = {'output_dir': 'output/compare'}
 
 

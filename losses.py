@@ -46,6 +46,8 @@ one line to DECODERS; the trainer, the evaluation and the comparison take it fro
 
 A training step's loss and metrics, for any decoder, on one device or per replica of a
 tf.distribute strategy: `vae_loss` (train.py's Trainer and models.FitVAE, Keras' fit, call it).
+Two heuristics of deep VAEs, off by default, are options of it: a KL warm-up (`kl_weight`,
+the Ladder VAE's and NVAE's) and free bits per latent group (`free_bits_kl`, IAF-VAE's).
 This file imports only math, keras and tensorflow: copy it into a project of your own.
 """
 import math
@@ -197,10 +199,46 @@ def summarize(rec, kl, log_sigma, beta, num_values, log_scale):
             'bits_per_dim': bits_per_dim(rec + kl, num_values, log_scale), 'log_sigma': log_sigma}
 
 
+# ---- the heuristics of deep VAEs ------------------------------------------------
+
+def kl_weight(beta, step, warmup):
+    """The KL weight at `step` (0 for the first update) of a linear warm-up over `warmup` steps:
+    beta min(1, step / warmup), from 0 to beta (Sonderby et al. 2016); beta itself when warmup
+    is None. A float32 scalar tensor (or beta)."""
+    if warmup is None:
+        return beta
+    ramp = tf.minimum(1.0, tf.cast(step, tf.float32) / float(warmup))
+    return beta * ramp
+
+
+def free_bits_kl(kl_groups, free_bits, global_mean=tf.reduce_mean):
+    """Free bits (Kingma et al. 2016, IAF-VAE): the KL of each latent group counts as
+    max(lambda, its mean over the global batch), and a group below lambda gets no gradient.
+
+    Args:
+      kl_groups: a list of (b, Z_l) per-dimension KLs, one per latent group (one group, the
+        whole z, for a network with a single latent).
+      free_bits: lambda, nats per group (per image).
+      global_mean: (b,) -> their mean over the global batch (see vae_loss).
+    Returns:
+      A list of (b, Z_l) to use as the KL values of the loss: a group's own values where its
+      batch mean is above lambda, else the constant lambda / Z_l everywhere. Summed over the
+      dimensions of a group and the global batch's n images it is n max(lambda, mean KL_l),
+      and its gradient is the KL's where the mean is above lambda, 0 below (a replica's sum
+      is its share: the replicas' sums add up to the global batch's).
+    """
+    out = []
+    for kl in kl_groups:
+        mean = global_mean(tf.reduce_sum(kl, -1))
+        floor = tf.fill(tf.shape(kl), free_bits / tf.cast(tf.shape(kl)[-1], kl.dtype))
+        out.append(tf.where(tf.stop_gradient(mean) > free_bits, kl, floor))
+    return out
+
+
 # ---- one step's loss: what every training loop calls ---------------------------
 
 def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce_mean,
-             global_batch=None, training=True):
+             global_batch=None, training=True, free_bits=None, kl_groups=None):
     """The loss of one batch and its metrics, for any decoder of DECODERS, on one device or
     on each replica of a tf.distribute strategy.
 
@@ -218,6 +256,10 @@ def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce
         None: b, one device. Under tf.distribute: `replica_batch(x)`.
       training: True for a training step (train_terms: the batch's sigma*, running
         statistics updated); False for evaluation (test_terms: no look at x to pick sigma).
+      free_bits: None, or lambda of free_bits_kl: the training loss counts the KL of each
+        latent group as max(lambda, its batch mean); the metrics keep the true KL.
+      kl_groups: None (one group, kl_divergence(mu, log_var)), or a list of per-group KLs
+        (b, Z_l) of a network with several latents; their concatenation is the KL of an image.
     Returns:
       (loss, metrics). loss, a scalar: what to minimise, this replica's share of the global
       batch's objective (sums over its images, values and latent dimensions, `mse`'s means
@@ -231,14 +273,19 @@ def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce
     log_scale = math.log(255.0 / (likelihood.high - likelihood.low))
     if training:
         objective, rec, log_sigma = likelihood.train_terms(x, params, global_mean)
-        kl = kl_divergence(mu, log_var)
+        kl = kl_divergence(mu, log_var) if kl_groups is None else tf.concat(kl_groups, -1)
+        kl_loss = kl
+        if free_bits is not None:
+            kl_loss = tf.concat(free_bits_kl([kl] if kl_groups is None else kl_groups,
+                                             free_bits, global_mean), -1)
         rec_term, kl_term = likelihood.reduce(
-            objective, kl, tf.shape(x)[0] if global_batch is None else global_batch)
+            objective, kl_loss, tf.shape(x)[0] if global_batch is None else global_batch)
         loss = rec_term + beta * kl_term
         kl_image = tf.reduce_sum(kl, -1)
     else:
         rec, discrete, log_sigma = likelihood.test_terms(x, params)
-        kl_image = tf.reduce_sum(kl_divergence(mu, log_var), -1)
+        kl = kl_divergence(mu, log_var) if kl_groups is None else tf.concat(kl_groups, -1)
+        kl_image = tf.reduce_sum(kl, -1)
         loss = tf.reduce_sum(rec) + beta * tf.reduce_sum(kl_image)
     metrics = summarize(global_mean(rec), global_mean(kl_image), global_mean(log_sigma), beta,
                         num_values, log_scale)

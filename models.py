@@ -15,6 +15,11 @@ the original's decay, 0.999 (slim.batch_norm's default; Keras' is 0.99). The dec
 last layer outputs `likelihood.params_per_value` numbers per value: the mean, through
 tanh for data in [-1, 1] (the original) or sigmoid for [0, 1] (the PyTorch sibling),
 then any others (e.g. a log scale) as they are.
+
+The networks are a registry, NETWORKS (--arch), as the decoders are in losses.py: `original`
+(the above; --width its first level's filters, 64) and `resnet` (stride-2 stages of
+--depth residual blocks each, --width base channels, one latent). Adding a network is a
+class with the methods of `Network` and one line of NETWORKS.
 """
 import warnings
 
@@ -34,32 +39,42 @@ BN_MOMENTUM = 0.999  # slim.batch_norm's decay, as in the original
 BN_EPSILON = 0.001
 
 
-def _filters(levels):
-    return [64 * 2 ** i for i in range(levels)]
+def _filters(levels, width=64):
+    return [width * 2 ** i for i in range(levels)]
 
 
-def latent_weights(image_size, z_dim):
+def _batch_norm(sync_batch_norm, **kwargs):
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                     synchronized=sync_batch_norm, **kwargs)
+
+
+def _latent_heads(x, z_dim):
+    """Features (B, F) -> (mu, log_var), each (B, z_dim). The heads compute in float32 under
+    mixed precision: exp(log_var) overflows float16 early."""
+    mu = layers.Dense(z_dim, name='mu', dtype='float32')(x)
+    log_var = layers.Dense(z_dim, name='log_var', dtype='float32')(x)
+    return mu, log_var
+
+
+def latent_weights(image_size, z_dim, arch='original', width=None, depth=None):
     """The number of weights that grow with z_dim, without building anything: the encoder's
     two dense heads and the decoder's first dense layer (the rest is a few million at most)."""
-    levels, base = ARCHITECTURES[image_size]
-    features = base * base * _filters(levels)[-1]
-    return z_dim * (3 * features + 2)
+    network = NETWORKS[arch]
+    width, depth = network.resolve(width, depth)
+    return z_dim * (3 * network.bottom_features(image_size, width, depth) + 2)
 
 
-def make_encoder(image_size, channels, z_dim, sync_batch_norm=False):
+def make_encoder(image_size, channels, z_dim, sync_batch_norm=False, width=64):
     """(B, S, S, C) in [-1, 1] -> (mu, log_var), each (B, z_dim), float32."""
     levels, _ = ARCHITECTURES[image_size]
     x = inputs = keras.Input((image_size, image_size, channels))
-    for filters in _filters(levels):
+    for filters in _filters(levels, width):
         x = layers.Conv2D(filters, 5, strides=2, padding='same', use_bias=False)(x)
         x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                                       synchronized=sync_batch_norm)(x)
         x = layers.LeakyReLU(LEAKY_SLOPE)(x)
     x = layers.Flatten()(x)
-    # The heads compute in float32 under mixed precision: exp(log_var) overflows float16 early.
-    mu = layers.Dense(z_dim, name='mu', dtype='float32')(x)
-    log_var = layers.Dense(z_dim, name='log_var', dtype='float32')(x)
-    return keras.Model(inputs, [mu, log_var], name='encoder')
+    return keras.Model(inputs, _latent_heads(x, z_dim), name='encoder')
 
 
 class OutputHead(layers.Layer):
@@ -76,11 +91,11 @@ class OutputHead(layers.Layer):
 
 
 def make_decoder(image_size, channels, z_dim, activation='tanh', sync_batch_norm=False,
-                 params_per_value=1):
+                 params_per_value=1, width=64):
     """(B, z_dim) -> (B, S, S, C * params_per_value): the mean ([-1, 1] with tanh, [0, 1]
     with sigmoid) and the likelihood's other parameters, float32."""
     levels, base = ARCHITECTURES[image_size]
-    filters = _filters(levels)[::-1]
+    filters = _filters(levels, width)[::-1]
     z = inputs = keras.Input((z_dim,))
     x = layers.Dense(base * base * filters[0], activation='relu')(z)
     x = layers.Reshape((base, base, filters[0]))(x)
@@ -92,6 +107,109 @@ def make_decoder(image_size, channels, z_dim, activation='tanh', sync_batch_norm
     x = layers.Conv2DTranspose(channels * params_per_value, 5, strides=2, padding='same')(x)
     x = OutputHead(channels, activation)(x)
     return keras.Model(inputs, x, name='decoder')
+
+
+class Network:
+    """An encoder and decoder of one kind (a NETWORKS entry), one latent z of z_dim.
+
+    width, depth: the defaults of --width and --depth; depth None: the network has no --depth.
+    """
+    width, depth = 64, None
+
+    @classmethod
+    def resolve(cls, width=None, depth=None):
+        """--width and --depth, None meaning this network's default -> (width, depth)."""
+        return (cls.width if width is None else width), (cls.depth if depth is None else depth)
+
+    @staticmethod
+    def bottom_features(image_size, width, depth):
+        """The number of features at the bottom, next to z (flattened)."""
+        levels, base = ARCHITECTURES[image_size]
+        return base * base * _filters(levels, width)[-1]
+
+    @classmethod
+    def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
+              sync_batch_norm=False, width=None, depth=None):
+        """-> (encoder (B, S, S, C) -> (mu, log_var) (B, Z) each; decoder (B, Z) ->
+        (B, S, S, C * params_per_value), the mean through `activation` first), float32 out."""
+        raise NotImplementedError
+
+
+class Original(Network):
+    """The original's network (the module docstring); --width: the first level's filters."""
+
+    @classmethod
+    def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
+              sync_batch_norm=False, width=None, depth=None):
+        width, _ = cls.resolve(width, depth)
+        return (make_encoder(image_size, channels, z_dim, sync_batch_norm, width),
+                make_decoder(image_size, channels, z_dim, activation, sync_batch_norm,
+                             params_per_value, width))
+
+
+def residual_block(x, sync_batch_norm):
+    """x (B, H, W, F) -> relu(x + BN(conv(relu(BN(conv(x)))))), two 3x3 convolutions (He et al.
+    2016). The second batch norm starts at scale 0 (Goyal et al. 2017), so that every block
+    starts as the identity and a deep stack trains from the first step."""
+    filters = x.shape[-1]
+    h = layers.Conv2D(filters, 3, padding='same', use_bias=False)(x)
+    h = layers.ReLU()(_batch_norm(sync_batch_norm)(h))
+    h = layers.Conv2D(filters, 3, padding='same', use_bias=False)(h)
+    h = _batch_norm(sync_batch_norm, gamma_initializer='zeros')(h)
+    return layers.ReLU()(layers.Add()([x, h]))
+
+
+class ResNet(Network):
+    """A residual encoder and decoder with one latent.
+
+    encoder: conv 3x3 (width) -> per level: conv 3x3/2 (width 2^l) -> BN -> ReLU -> `depth`
+             residual blocks; flatten -> dense mu, log_var
+    decoder: dense (bottom) -> ReLU -> reshape -> per level, from the bottom: `depth` residual
+             blocks -> deconv 3x3/2 (half the filters; C * params_per_value at the top) [-> BN
+             -> ReLU, all but the last]
+
+    The levels and the bottom's size are the original's (ARCHITECTURES): 28 -> 7, 32 and 64 -> 4.
+    """
+    width, depth = 32, 2
+
+    @classmethod
+    def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
+              sync_batch_norm=False, width=None, depth=None):
+        width, depth = cls.resolve(width, depth)
+        levels, base = ARCHITECTURES[image_size]
+        filters = _filters(levels, width)
+
+        x = inputs = keras.Input((image_size, image_size, channels))
+        x = layers.Conv2D(width, 3, padding='same')(x)
+        for f in filters:
+            x = layers.Conv2D(f, 3, strides=2, padding='same', use_bias=False)(x)
+            x = layers.ReLU()(_batch_norm(sync_batch_norm)(x))
+            for _ in range(depth):
+                x = residual_block(x, sync_batch_norm)
+        encoder = keras.Model(inputs, _latent_heads(layers.Flatten()(x), z_dim), name='encoder')
+
+        z = inputs = keras.Input((z_dim,))
+        x = layers.Dense(base * base * filters[-1], activation='relu')(z)
+        x = layers.Reshape((base, base, filters[-1]))(x)
+        for i, f in reversed(list(enumerate(filters))):
+            for _ in range(depth):
+                x = residual_block(x, sync_batch_norm)
+            if i == 0:
+                x = layers.Conv2DTranspose(channels * params_per_value, 3, strides=2,
+                                           padding='same')(x)
+            else:
+                x = layers.Conv2DTranspose(filters[i - 1], 3, strides=2, padding='same',
+                                           use_bias=False)(x)
+                x = layers.ReLU()(_batch_norm(sync_batch_norm)(x))
+        decoder = keras.Model(inputs, OutputHead(channels, activation)(x), name='decoder')
+        return encoder, decoder
+
+
+# --arch -> Network: its encoder and decoder.
+NETWORKS = {
+    'original': Original,
+    'resnet': ResNet,
+}
 
 
 def reparameterize(mu, log_var, eps):
@@ -120,18 +238,19 @@ class VAE(keras.Model):
     (a trainable log sigma, running statistics) are trained and checkpointed with the rest.
 
     sync_batch_norm: batch norm statistics over the global batch of all replicas.
+    arch, width, depth: the networks, NETWORKS[arch] (None: its default width and depth).
     """
 
     def __init__(self, image_size, channels, z_dim, likelihood, data_range='-1,1',
-                 sync_batch_norm=False, **kwargs):
+                 sync_batch_norm=False, arch='original', width=None, depth=None, **kwargs):
         # The VAE's own inputs, noise and outputs stay float32 under mixed precision; its
         # encoder and decoder compute in the global policy's dtype.
         super().__init__(dtype='float32', **kwargs)
         self.z_dim, self.data_range = z_dim, data_range
         self.likelihood = likelihood
-        self.encoder = make_encoder(image_size, channels, z_dim, sync_batch_norm)
-        self.decoder = make_decoder(image_size, channels, z_dim, OUTPUT_ACTIVATIONS[data_range],
-                                    sync_batch_norm, likelihood.params_per_value)
+        self.encoder, self.decoder = NETWORKS[arch].build(
+            image_size, channels, z_dim, likelihood.params_per_value,
+            OUTPUT_ACTIVATIONS[data_range], sync_batch_norm, width, depth)
         self.build((None, image_size, image_size, channels))
 
     def build(self, input_shape):
@@ -172,16 +291,20 @@ class FitVAE(keras.Model):
     (build and compile in its scope) the optimal sigma* and the metrics are the global
     batch's, and the replicas' gradients add up to the global batch's. The noise of a
     training step is drawn for the global batch from (seed, the optimizer's iteration count),
-    as the Trainer's from (seed, step); evaluation draws from (seed, -1 - iterations), the
+    as the Trainer's from (seed, step); kl_warmup (steps) and free_bits (nats) are train.py's
+    --kl_warmup and --free_bits (see losses.kl_weight, losses.free_bits_kl), the step being
+    the optimizer's iteration count. Evaluation draws from (seed, -1 - iterations), the
     same for every test batch, so that evaluate() is deterministic. Training logs the
     per-step means of losses.METRICS; evaluate() their per-image means over the test set
     and bits_per_dim_discrete (the 8-bit values), with test_terms (no look at x for sigma).
     """
 
-    def __init__(self, encoder, decoder, likelihood, beta=1.0, seed=0, **kwargs):
+    def __init__(self, encoder, decoder, likelihood, beta=1.0, seed=0, kl_warmup=None,
+                 free_bits=None, **kwargs):
         super().__init__(**kwargs)
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
         self.beta, self.seed = float(beta), int(seed)
+        self.kl_warmup, self.free_bits = kl_warmup, free_bits
         self.trackers = {k: keras.metrics.Mean(name=k)
                          for k in losses.METRICS + ('bits_per_dim_discrete',)}
         self.built = True  # the encoder and decoder are built networks
@@ -189,7 +312,8 @@ class FitVAE(keras.Model):
     def get_config(self):  # for Keras' saving of the whole model (.keras, ModelCheckpoint)
         nets = {k: keras.saving.serialize_keras_object(getattr(self, k))
                 for k in ('encoder', 'decoder', 'likelihood')}
-        return {'name': self.name, **nets, 'beta': self.beta, 'seed': self.seed}
+        return {'name': self.name, **nets, 'beta': self.beta, 'seed': self.seed,
+                'kl_warmup': self.kl_warmup, 'free_bits': self.free_bits}
 
     @classmethod
     def from_config(cls, config):
@@ -217,8 +341,10 @@ class FitVAE(keras.Model):
         mu, log_var = self.encoder(x, training=training)
         eps = replica_noise(tf.shape(mu), self.seed, step)
         params = self.decoder(reparameterize(mu, log_var, eps), training=training)
-        return x, losses.vae_loss(self.likelihood, x, params, mu, log_var, self.beta,
-                                  losses.replica_mean, losses.replica_batch(x), training)
+        beta = losses.kl_weight(self.beta, step, self.kl_warmup) if training else self.beta
+        return x, losses.vae_loss(self.likelihood, x, params, mu, log_var, beta,
+                                  losses.replica_mean, losses.replica_batch(x), training,
+                                  self.free_bits)
 
     def train_step(self, data):
         with tf.GradientTape() as tape:

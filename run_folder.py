@@ -83,6 +83,12 @@ class Config:
     strategy: str = 'default'  # one device; mirrored: local GPUs; multi_worker: TF_CONFIG
     mixed_precision: Optional[str] = None  # None (float32), 'float16' or 'bfloat16'
     restart: bool = False  # start over from step 0 when no checkpoint of the run restores
+    arch: str = 'original'  # the networks, models.NETWORKS
+    width: Optional[int] = None  # the network's base channels; None: its default
+    depth: Optional[int] = None  # residual blocks per level; None: the network's default
+    kl_warmup: Optional[int] = None  # steps over which the KL weight ramps from 0 to beta
+    free_bits: Optional[float] = None  # nats: the KL of each latent group counts as >= this
+    skip_threshold: Optional[float] = None  # skip an update whose gradient norm is above
     channels: Optional[int] = None  # not a flag: the data's, written into config.json
     data_fingerprint: Optional[str] = None  # not a flag: an image folder's (data.Splits)
 
@@ -108,7 +114,9 @@ class Config:
         edited there would otherwise end in a traceback deep in Keras or in an out-of-memory
         kill)."""
         numbers = {'epochs': int, 'batch_size': int, 'z_dim': int, 'sample_every': int,
-                   'max_steps': int, 'checkpoint_every': int, 'lr': float, 'channels': int}
+                   'max_steps': int, 'checkpoint_every': int, 'lr': float, 'channels': int,
+                   'width': int, 'depth': int, 'kl_warmup': int, 'free_bits': float,
+                   'skip_threshold': float}
         for key, cast in numbers.items():
             value = getattr(self, key)
             if value is not None:
@@ -123,7 +131,11 @@ class Config:
                              f"{self.log_sigma_min}")
         if not 0 <= self.seed <= MAX_SEED:
             raise UsageError(f'{name("seed")} must be between 0 and {MAX_SEED}, got {self.seed}')
-        choices = {'model': list(losses.DECODERS), 'image_size': sorted(models.ARCHITECTURES),
+        if self.arch in models.NETWORKS and self.depth is not None and \
+                models.NETWORKS[self.arch].depth is None:
+            raise UsageError(f'--arch {self.arch} has no {name("depth")} (its levels are fixed)')
+        choices = {'model': list(losses.DECODERS), 'arch': list(models.NETWORKS),
+                   'image_size': sorted(models.ARCHITECTURES),
                    'data_range': list(data.DATA_RANGES), 'strategy': list(STRATEGIES),
                    'mixed_precision': [None, *PRECISIONS]}
         for key, allowed in choices.items():
@@ -146,10 +158,10 @@ class Config:
 
 # Changing one of these changes the model, its test split (seed) or what a step and an epoch
 # are (batch_size): a run that differs in them is refused on resume.
-MODEL_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'mixed_precision',
-              'channels', 'seed', 'batch_size', 'data_fingerprint')
+MODEL_KEYS = ('model', 'arch', 'width', 'depth', 'z_dim', 'dataset', 'image_size', 'data_range',
+              'mixed_precision', 'channels', 'seed', 'batch_size', 'data_fingerprint')
 # Resuming with another value of these is allowed, and said (the objective changes from then on).
-OBJECTIVE_KEYS = ('beta', 'lr', 'log_sigma_min')
+OBJECTIVE_KEYS = ('beta', 'lr', 'log_sigma_min', 'kl_warmup', 'free_bits', 'skip_threshold')
 # A config.json without one of these was not written by train.py.
 REQUIRED_KEYS = ('model', 'z_dim', 'dataset', 'image_size', 'data_range', 'seed', 'batch_size')
 
@@ -243,7 +255,9 @@ def physical_memory():
 def check_model_memory(config):
     """UsageError if the weights next to z alone (float32, one copy) exceed this machine's
     memory: no checkpoint of such a z_dim can be loaded here (train.py refuses to make one)."""
-    needed, memory = 4 * models.latent_weights(config.image_size, config.z_dim), physical_memory()
+    needed = 4 * models.latent_weights(config.image_size, config.z_dim, config.arch, config.width,
+                                       config.depth)
+    memory = physical_memory()
     if memory and needed > memory:
         raise UsageError(f"key 'z_dim' {config.z_dim} is too large: its weights alone would need "
                          f'about {needed / 2 ** 30:,.0f} GiB, more than the '
@@ -268,8 +282,10 @@ def check_resume(config):
         raise UsageError(f'{config.run_dir} holds checkpoints but no {CONFIG_FILE}, which says what '
                          f'they are a model of: put it back, or delete the run folder')
     saved = read_config_file(path)
+    # A config.json written before --arch holds none of arch, width, depth: the original's.
+    before_config = Config(**{k: saved.get(k, getattr(Config(), k)) for k in MODEL_KEYS})
     for key in MODEL_KEYS:
-        before, now = saved.get(key, getattr(Config(), key)), getattr(config, key)
+        before, now = _model_value(before_config, key), _model_value(config, key)
         if key == 'data_fingerprint' and before != now:
             raise UsageError(data_changed(config.run_dir, config.dataset, before, now))
         if before != now:
@@ -279,6 +295,15 @@ def check_resume(config):
                 f"delete the folder)")
     return [f'--{key} {saved[key]} -> {getattr(config, key)}' for key in OBJECTIVE_KEYS
             if key in saved and saved[key] != getattr(config, key)]
+
+
+def _model_value(config, key):
+    """config's value of a MODEL_KEY, with width and depth resolved (None: the network's
+    default), so that --width 64 resumes a run of --arch original without --width."""
+    if key in ('width', 'depth') and config.arch in models.NETWORKS:
+        width, depth = models.NETWORKS[config.arch].resolve(config.width, config.depth)
+        return width if key == 'width' else depth
+    return getattr(config, key)
 
 
 def data_changed(run_dir, dataset, before, now):
@@ -296,7 +321,7 @@ def make_vae(config, sync_batch_norm=False):
     likelihood = losses.DECODERS[config.model](data.DATA_RANGES[config.data_range],
                                                config.log_sigma_min)
     return models.VAE(config.image_size, config.channels, config.z_dim, likelihood,
-                      config.data_range, sync_batch_norm)
+                      config.data_range, sync_batch_norm, config.arch, config.width, config.depth)
 
 
 def prior_z(n, z_dim, seed):
@@ -524,14 +549,15 @@ class Checkpoints:
     sums: {name: float64 variable (2,)}: the sum and count of each training metric since the
     last metrics row, restored by name: a name the checkpoint lacks starts at 0, so that adding a metric does not
     make older checkpoints fail to restore.
+    counters: {name: variable}, restored by name in the same way (e.g. skipped_updates).
     chief: whether this process writes the run folder (under multi_worker every worker saves,
     since saving is collective, and all but the chief into a folder deleted after each save).
     """
 
-    def __init__(self, run_dir, state, sums=None, chief=True, worker=0):
+    def __init__(self, run_dir, state, sums=None, chief=True, worker=0, counters=None):
         self.run_dir, self.directory, self.chief = run_dir, checkpoint_dir(run_dir), chief
-        self.state, self.sums = state, sums or {}
-        self.saved = tf.train.Checkpoint(**state, train_sums=self.sums)
+        self.state, self.sums, self.counters = state, sums or {}, counters or {}
+        self.saved = tf.train.Checkpoint(**state, train_sums=self.sums, counters=self.counters)
         self.save_dir = self.directory if chief else os.path.join(run_dir, f'.tmp-worker-{worker}')
         self.manager = None  # made by restore() or the first save()
         self.saved_step = None  # the step of the checkpoint written or restored last
@@ -554,6 +580,9 @@ class Checkpoints:
             key = f'train_sums/{name}/.ATTRIBUTES/VARIABLE_VALUE'
             value = reader.get_tensor(key) if key in stored else legacy.get(name, [0, 0])
             variable.assign(tf.cast(value, variable.dtype))
+        for name, variable in self.counters.items():
+            key = f'counters/{name}/.ATTRIBUTES/VARIABLE_VALUE'
+            variable.assign(tf.cast(reader.get_tensor(key) if key in stored else 0, variable.dtype))
 
     def restore(self, restart=False, write=True):
         """Restores the newest checkpoint that restores completely; returns its path, or None

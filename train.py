@@ -64,6 +64,12 @@ def config_flags():
         'batch_size': dict(type=POSITIVE_INT, help='images per training step'),
         'lr': dict(type=POSITIVE_FLOAT, help='Adam learning rate'),
         'z_dim': dict(type=POSITIVE_INT, help='latent dimensions'),
+        'arch': dict(choices=list(models.NETWORKS),
+                     help="encoder and decoder, from models.NETWORKS: the original's convolutions, or "
+                          "residual stages"),
+        'width': dict(type=POSITIVE_INT, help="the network's base channels; None: its default "
+                                              "(original 64, resnet 32)"),
+        'depth': dict(type=POSITIVE_INT, help='residual blocks per level (resnet); None: its default (2)'),
         'dataset': dict(help='tensorflow-datasets name (svhn_cropped, mnist, fashion_mnist, cifar10, '
                              'celeb_a) or the path of a folder of PNG/JPEG images'),
         'data_dir': dict(help='tensorflow-datasets data folder (or one holding the Fashion-MNIST IDX files)'),
@@ -82,6 +88,14 @@ def config_flags():
                                  help="steps between checkpoints besides each epoch's end (at most "
                                       "this much work is lost to a kill)"),
         'beta': dict(type=float, help='weight of the KL term (beta-VAE)'),
+        'kl_warmup': dict(type=POSITIVE_INT, metavar='STEPS',
+                          help='ramp the KL weight linearly from 0 to --beta over the first STEPS steps'),
+        'free_bits': dict(type=POSITIVE_FLOAT, metavar='NATS',
+                          help='count the KL of each latent group as max(NATS, its batch mean): no '
+                               'gradient on a group below NATS'),
+        'skip_threshold': dict(type=POSITIVE_FLOAT, metavar='NORM',
+                               help='skip the update of a step whose global gradient norm is above '
+                                    'NORM (counted as skipped_updates in the metrics rows)'),
         'log_sigma_min': dict(type=_log_sigma_min,
                               help="soft lower bound of every learned or optimal log sigma (and the "
                                    "logistic's log scale); 'none' turns it off"),
@@ -210,6 +224,8 @@ class Trainer:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
             self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+            self.skipped_updates = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                               name='skipped_updates')
             # The sum and count of each training metric since the last metrics row, checkpointed
             # by name so that a row's train averages cover its whole epoch across resumes.
             self.train_sums = {k: tf.Variable(tf.zeros(2, tf.float64), trainable=False, name=k)
@@ -218,7 +234,7 @@ class Trainer:
         self.checkpoints = run_folder.Checkpoints(
             config.run_dir, dict(vae=self.vae, optimizer=self.optimizer, step=self.step,
                                  epoch=self.epoch, train_seconds=self.train_seconds),
-            self.train_sums, self.chief, worker)
+            self.train_sums, self.chief, worker, dict(skipped_updates=self.skipped_updates))
         # The fixed z of the sample grids (run_folder.prior_z): the same z in every grid.
         self.prior_z = run_folder.prior_z(run_folder.NUM_SAMPLES, config.z_dim, config.seed)
         self.evaluate = models.Evaluator(self.vae, config.beta, config.seed)
@@ -247,26 +263,71 @@ class Trainer:
         for s in self.train_sums.values():
             s.assign(tf.zeros_like(s))
 
+    def _gradients(self, x):
+        """This replica's part x (b, S, S, C) of the global batch -> (metrics of the global
+        batch, the same on every replica; this replica's gradients, scaled under float16)."""
+        vae, config = self.vae, self.config
+        with tf.GradientTape() as tape:
+            mu, log_var = vae.encoder(x, training=True)
+            eps = models.replica_noise(tf.shape(mu), config.seed, self.step)
+            params = vae.decoder(models.reparameterize(mu, log_var, eps), training=True)
+            loss, stats = losses.vae_loss(
+                vae.likelihood, x, params, mu, log_var,
+                losses.kl_weight(config.beta, self.step, config.kl_warmup),
+                losses.replica_mean, losses.replica_batch(x), free_bits=config.free_bits)
+            scaled = self.optimizer.scale_loss(loss)
+        return stats, tape.gradient(scaled, vae.trainable_variables)
+
     def _update(self, x):
         """One Adam step on this replica's part x (b, S, S, C) of the global batch.
 
         Returns the metrics of the global batch (the same on every replica).
         """
-        vae = self.vae
-        with tf.GradientTape() as tape:
-            mu, log_var = vae.encoder(x, training=True)
-            eps = models.replica_noise(tf.shape(mu), self.config.seed, self.step)
-            params = vae.decoder(models.reparameterize(mu, log_var, eps), training=True)
-            loss, stats = losses.vae_loss(vae.likelihood, x, params, mu, log_var, self.config.beta,
-                                          losses.replica_mean, losses.replica_batch(x))
-            scaled = self.optimizer.scale_loss(loss)
-        gradients = tape.gradient(scaled, vae.trainable_variables)
-        self.optimizer.apply_gradients(zip(gradients, vae.trainable_variables))
+        stats, gradients = self._gradients(x)
+        self.optimizer.apply_gradients(zip(gradients, self.vae.trainable_variables))
         return stats
+
+    def _apply(self, gradients):
+        self.optimizer.apply_gradients(zip(gradients, self.vae.trainable_variables))
+
+    def gradient_norm(self, gradients):
+        """The global norm of the global batch's gradient, from this replica's share (one
+        all-reduce of the gradients); unscaled under float16 loss scaling."""
+        total = tf.distribute.get_replica_context().all_reduce('sum', gradients)
+        norm = tf.linalg.global_norm(total)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            norm = norm / tf.cast(self.optimizer.dynamic_scale, norm.dtype)
+        return norm
+
+    def _skipping_step(self, x):
+        """The update of one step unless its gradient norm is above --skip_threshold (vdvae);
+        a skipped one changes nothing but skipped_updates. The choice is made outside the
+        replicas (a cond around the optimizer's merge_call is not allowed within them).
+        A non-finite norm under float16 loss scaling goes to the optimizer, which lowers
+        the scale."""
+        def replica(x):
+            stats, gradients = self._gradients(x)
+            return stats, gradients, self.gradient_norm(gradients)
+
+        per_replica, gradients, norm = self.strategy.run(replica, args=(x,))
+        norm = self.strategy.experimental_local_results(norm)[0]
+        skip = norm > self.config.skip_threshold
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            skip = tf.logical_and(skip, tf.math.is_finite(norm))
+
+        def apply():
+            self.strategy.run(self._apply, args=(gradients,))
+            return tf.constant(0, tf.int64)
+
+        self.skipped_updates.assign_add(tf.cond(skip, lambda: tf.constant(1, tf.int64), apply))
+        return per_replica
 
     def _train_step(self, x):
         """One step on a (distributed) global batch; summaries are the chief's."""
-        per_replica = self.strategy.run(self.update, args=(x,))
+        if self.config.skip_threshold is None:
+            per_replica = self.strategy.run(self.update, args=(x,))
+        else:
+            per_replica = self._skipping_step(x)
         stats = {k: self.strategy.experimental_local_results(v)[0] for k, v in per_replica.items()}
         self.step.assign_add(1)
         for name, value in stats.items():
@@ -296,7 +357,8 @@ def check_memory(config):
     """Refuses a --z_dim whose dense layers alone need more than this machine's memory, at 6
     float32 copies of each weight: the weights, their gradients, Adam's two moments, the
     initial values and the copy of a checkpoint being written."""
-    needed = 6 * 4 * models.latent_weights(config.image_size, config.z_dim)
+    needed = 6 * 4 * models.latent_weights(config.image_size, config.z_dim, config.arch,
+                                           config.width, config.depth)
     memory = run_folder.physical_memory()
     if memory and needed > memory:
         raise UsageError(f'--z_dim {config.z_dim} is too large: the layers next to z alone would '
@@ -513,6 +575,8 @@ def end_of_epoch(trainer, test_ds, recon_inputs, step, steps_per_epoch, save=Tru
     row = {'step': step, 'epoch': round(step / steps_per_epoch, 4), 'wall_time': time.time(),
            'train_seconds': round(float(trainer.train_seconds.numpy()), 2)}
     row.update({'train_' + k: v for k, v in trainer.train_means().items()})
+    if trainer.config.skip_threshold is not None or int(trainer.skipped_updates.numpy()):
+        row['skipped_updates'] = int(trainer.skipped_updates.numpy())
     row.update(trainer.evaluate(test_ds))
     for key, value in row.items():
         if key.startswith('test_'):
