@@ -90,9 +90,10 @@ def parse_args(argv=None):
         parser.error(f'--beta_sweep must list positive numbers: {e}')
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         parser.error(f'--output_dir {args.output_dir} is a file, not a folder')
-    for _, config, _ in runs(args):  # the checks of train.py, before anything is trained
+    for _, config, _ in runs(args):  # the checks of train.py, before anything is written
         try:
             config.check()
+            train.check_memory(config)
         except UsageError as e:
             parser.error(str(e))
     return args

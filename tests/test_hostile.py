@@ -493,3 +493,12 @@ def test_a_saved_model_gets_the_permissions_of_the_umask(trained, tmp_path):
         assert stat.S_IMODE(os.stat(root).st_mode) == 0o775, root
         for name in files:
             assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == 0o664, name
+
+
+def test_compare_refuses_a_z_dim_beyond_memory_before_making_its_folder(image_folder, tmp_path,
+                                                                        capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.main(['--dataset', image_folder, '--output_dir', str(tmp_path / 'c'),
+                      '--models', 'sigma', '--z_dim', '1000000000'])
+    assert e.value.code == 2 and '--z_dim 1000000000 is too large' in one_error_line(capsys, 'compare.py')
+    assert not os.path.exists(tmp_path / 'c')
