@@ -211,19 +211,15 @@ def inception_features(weights):
 def importance_weighted_nll(vae, test_ds, num_samples, max_images=None, seed=0):
     """-log p(x) and -log P(8-bit x) per image (nats), each estimated with num_samples
     importance samples of q(z|x) under the VAE's own likelihood; and the number of images."""
-    z_dim = vae.z_dim
-
     @tf.function(reduce_retracing=True)
     def log_weights(x, seed):
         """(2, K, B) log w of a batch x (B, ...), K = num_samples: the density, the 8-bit values."""
-        mu, log_var = vae.encoder(x, training=False)
         b = tf.shape(x)[0]
-        eps = tf.random.stateless_normal((num_samples, b, z_dim), seed=seed)
-        z = tf.reshape(models.reparameterize(mu, log_var, eps), (-1, z_dim))
-        params = vae.decoder(z, training=False)
+        eps = tf.random.stateless_normal((num_samples, b, vae.z_dim), seed=seed)
+        params, mu, log_var = vae(x, eps)  # the K B pairs, sample k of image b at k B + b
+        z = models.reparameterize(mu, log_var, tf.reshape(eps, (-1, vae.z_dim)))
         repeat = lambda t: tf.reshape(tf.tile(t[None], [num_samples] + [1] * len(t.shape)),
                                       (-1,) + tuple(t.shape[1:]))
-        mu, log_var = repeat(mu), repeat(log_var)
         nll, discrete, _ = vae.likelihood.test_terms(repeat(x), params)
         return tf.reshape(tf.stack([losses.log_importance_weights(n, z, mu, log_var)
                                     for n in (nll, discrete)]), (2, num_samples, b))
@@ -314,8 +310,11 @@ def _evaluate_run(run_dir, iw_samples, iw_images, fid_samples, features, incepti
         'iw_samples': iw_samples, 'iw_images': seen})
     means, _ = run_folder.encode_images(vae, splits.test, splits.num_test, config)
     result['active_units'] = active_units(means)
+    if len(vae.groups) > 1:  # and of each latent group, top first
+        for l, group in enumerate(np.split(means, np.cumsum(vae.groups)[:-1], axis=1)):
+            result[f'active_units_group{l}'] = active_units(group)
     result['effective_beta'] = vae.likelihood.effective_beta(
-        config.beta, result['test_log_sigma'], evaluator.num_values, config.z_dim)
+        config.beta, result['test_log_sigma'], evaluator.num_values, vae.z_dim)
 
     n = min(fid_samples, splits.num_test)
     if n < fid_samples:

@@ -128,7 +128,8 @@ def check_count(run, count, flag, config=None):
     and such a request would end in an out-of-memory traceback or kill after minutes."""
     config = config or run_folder.read_config(run)
     size = config.image_size ** 2 * config.channels
-    needed = count * (2 * size + 3 * 8 * config.z_dim)  # uint8 images and a grid; float64 z
+    z_dim = sum(run_folder.latent_groups(config))
+    needed = count * (2 * size + 3 * 8 * z_dim)  # uint8 images and a grid; float64 z
     memory = run_folder.physical_memory()
     if memory and needed > memory / 2:
         raise UsageError(f'{flag} asks for {count:,} images of {config.image_size}x'
@@ -202,10 +203,12 @@ def interpolate(args):
 
 def traverse(args):
     config = run_folder.read_config(args.run)
-    dims = list(range(config.z_dim)) if args.dims is None else args.dims
-    bad = [d for d in dims if not 0 <= d < config.z_dim]
+    groups = run_folder.latent_groups(config)
+    z_dim = sum(groups)
+    dims = list(range(groups[0])) if args.dims is None else args.dims
+    bad = [d for d in dims if not 0 <= d < z_dim]
     if bad:
-        raise UsageError(f'--dims must be between 0 and {config.z_dim - 1} (z_dim {config.z_dim}), '
+        raise UsageError(f'--dims must be between 0 and {z_dim - 1} (z has {z_dim} numbers), '
                          f'got {bad[0]}')
     if args.range > MAX_RANGE:
         raise UsageError(f'--range must be at most {MAX_RANGE:g} (z of the prior lies within a '
@@ -215,14 +218,14 @@ def traverse(args):
     image = read_image(args.image, config, '--image') if args.image else None
     kind = output_kind(args.out)
     if image is None:
-        z0 = run_folder.prior_z(1, config.z_dim, args.seed)[0]
+        z0 = run_folder.prior_z(1, z_dim, args.seed)[0]
     else:
         z0 = encode(vae, image[None], config)[0][0]
     values = np.linspace(-args.range, args.range, args.steps)
     z = np.tile(z0, (len(dims), args.steps, 1))
     for row, d in enumerate(dims):
         z[row, :, d] = values
-    images = decode(vae, z.reshape(-1, config.z_dim), config)
+    images = decode(vae, z.reshape(-1, z_dim), config)
     write_output(args.out, kind, images, args.steps, images=images.reshape(z.shape[:2] + images.shape[1:]),
                  dims=np.array(dims), values=values, z=z)
 
@@ -246,7 +249,7 @@ def saved_model(vae, config):
     decode(z float32 (B, Z)) -> images uint8; encode(images uint8 (B, S, S, C)) -> mu,
     log_var float32 (B, Z); sample(n int32, seed int64) -> images uint8 of n z ~ N(0, I),
     the z of generate.py sample --prior normal --seed seed."""
-    z_dim, data_range = config.z_dim, config.data_range
+    z_dim, data_range = vae.z_dim, config.data_range
     archive = keras.export.ExportArchive()
     archive.track(vae)
 
@@ -254,7 +257,7 @@ def saved_model(vae, config):
         return {'images': data.to_uint8_tensor(vae.decode(z), data_range)}
 
     def encode_images(images):
-        mu, log_var = vae.encoder(data.to_range(images, data_range), training=False)
+        _, mu, log_var = vae(data.to_range(images, data_range))
         return {'mu': mu, 'log_var': log_var}
 
     def sample_prior(n, seed):
@@ -410,7 +413,8 @@ def make_parser():
 
     c = command('traverse', traverse, 'one latent dimension at a time around a seed z')
     c.add_argument('--dims', type=int_list, default=None,
-                   help='comma-separated latent dimensions, one row each (None: all)')
+                   help='comma-separated latent dimensions, one row each (default: those of the '
+                        'top group, all of z but for --arch hierarchical)')
     c.add_argument('--range', type=utils.positive(float), default=3.0,
                    help='each dimension takes --steps values from -range to +range')
     c.add_argument('--steps', type=AT_LEAST_TWO, default=9, help='values per dimension')

@@ -238,7 +238,7 @@ def free_bits_kl(kl_groups, free_bits, global_mean=tf.reduce_mean):
 # ---- one step's loss: what every training loop calls ---------------------------
 
 def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce_mean,
-             global_batch=None, training=True, free_bits=None, kl_groups=None):
+             global_batch=None, training=True, free_bits=None, groups=None):
     """The loss of one batch and its metrics, for any decoder of DECODERS, on one device or
     on each replica of a tf.distribute strategy.
 
@@ -258,8 +258,9 @@ def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce
         statistics updated); False for evaluation (test_terms: no look at x to pick sigma).
       free_bits: None, or lambda of free_bits_kl: the training loss counts the KL of each
         latent group as max(lambda, its batch mean); the metrics keep the true KL.
-      kl_groups: None (one group, kl_divergence(mu, log_var)), or a list of per-group KLs
-        (b, Z_l) of a network with several latents; their concatenation is the KL of an image.
+      groups: the sizes Z_l of the latent groups whose concatenation is z, for free bits
+        (models.Hierarchical: the KL of each is KL(N(mu, exp(log_var)) || N(0, I)) over its
+        dimensions); None: one group, the whole z.
     Returns:
       (loss, metrics). loss, a scalar: what to minimise, this replica's share of the global
       batch's objective (sums over its images, values and latent dimensions, `mse`'s means
@@ -273,10 +274,9 @@ def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce
     log_scale = math.log(255.0 / (likelihood.high - likelihood.low))
     if training:
         objective, rec, log_sigma = likelihood.train_terms(x, params, global_mean)
-        kl = kl_divergence(mu, log_var) if kl_groups is None else tf.concat(kl_groups, -1)
-        kl_loss = kl
+        kl = kl_loss = kl_divergence(mu, log_var)
         if free_bits is not None:
-            kl_loss = tf.concat(free_bits_kl([kl] if kl_groups is None else kl_groups,
+            kl_loss = tf.concat(free_bits_kl([kl] if groups is None else tf.split(kl, groups, -1),
                                              free_bits, global_mean), -1)
         rec_term, kl_term = likelihood.reduce(
             objective, kl_loss, tf.shape(x)[0] if global_batch is None else global_batch)
@@ -284,8 +284,7 @@ def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce
         kl_image = tf.reduce_sum(kl, -1)
     else:
         rec, discrete, log_sigma = likelihood.test_terms(x, params)
-        kl = kl_divergence(mu, log_var) if kl_groups is None else tf.concat(kl_groups, -1)
-        kl_image = tf.reduce_sum(kl, -1)
+        kl_image = tf.reduce_sum(kl_divergence(mu, log_var), -1)
         loss = tf.reduce_sum(rec) + beta * tf.reduce_sum(kl_image)
     metrics = summarize(global_mean(rec), global_mean(kl_image), global_mean(log_sigma), beta,
                         num_values, log_scale)

@@ -21,6 +21,7 @@ The networks are a registry, NETWORKS (--arch), as the decoders are in losses.py
 --depth residual blocks each, --width base channels, one latent). Adding a network is a
 class with the methods of `Network` and one line of NETWORKS.
 """
+import math
 import warnings
 
 import keras
@@ -128,10 +129,18 @@ class Network:
         return base * base * _filters(levels, width)[-1]
 
     @classmethod
+    def groups(cls, image_size, z_dim, width=None, depth=None):
+        """The sizes of the latent groups, top first, which z (B, sum of them) concatenates
+        (flattened): one group of z_dim for a network with one latent."""
+        return [z_dim]
+
+    @classmethod
     def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
               sync_batch_norm=False, width=None, depth=None):
-        """-> (encoder (B, S, S, C) -> (mu, log_var) (B, Z) each; decoder (B, Z) ->
-        (B, S, S, C * params_per_value), the mean through `activation` first), float32 out."""
+        """-> (encoder, decoder) (see `forward`): an encoder (B, S, S, C) -> (mu, log_var),
+        (B, Z) each, or (x, eps) -> (params, mu, log_var, ...); a decoder (B, Z) ->
+        params (B, S, S, C * params_per_value), the mean through `activation` first; float32
+        out, Z the sum of `groups`."""
         raise NotImplementedError
 
 
@@ -147,16 +156,20 @@ class Original(Network):
                              params_per_value, width))
 
 
-def residual_block(x, sync_batch_norm):
-    """x (B, H, W, F) -> relu(x + BN(conv(relu(BN(conv(x)))))), two 3x3 convolutions (He et al.
-    2016). The second batch norm starts at scale 0 (Goyal et al. 2017), so that every block
-    starts as the identity and a deep stack trains from the first step."""
-    filters = x.shape[-1]
-    h = layers.Conv2D(filters, 3, padding='same', use_bias=False)(x)
-    h = layers.ReLU()(_batch_norm(sync_batch_norm)(h))
-    h = layers.Conv2D(filters, 3, padding='same', use_bias=False)(h)
-    h = _batch_norm(sync_batch_norm, gamma_initializer='zeros')(h)
-    return layers.ReLU()(layers.Add()([x, h]))
+def residual_block(filters, sync_batch_norm):
+    """-> a function x (B, H, W, filters) -> relu(x + BN(conv(relu(BN(conv(x)))))), two 3x3
+    convolutions (He et al. 2016), whose layers are made once: calling it on several inputs
+    shares them. The second batch norm starts at scale 0 (Goyal et al. 2017), so that every
+    block starts as the identity and a deep stack trains from the first step."""
+    conv1 = layers.Conv2D(filters, 3, padding='same', use_bias=False)
+    norm1 = _batch_norm(sync_batch_norm)
+    conv2 = layers.Conv2D(filters, 3, padding='same', use_bias=False)
+    norm2 = _batch_norm(sync_batch_norm, gamma_initializer='zeros')
+
+    def block(x):
+        h = layers.ReLU()(norm1(conv1(x)))
+        return layers.ReLU()(layers.Add()([x, norm2(conv2(h))]))
+    return block
 
 
 class ResNet(Network):
@@ -185,7 +198,7 @@ class ResNet(Network):
             x = layers.Conv2D(f, 3, strides=2, padding='same', use_bias=False)(x)
             x = layers.ReLU()(_batch_norm(sync_batch_norm)(x))
             for _ in range(depth):
-                x = residual_block(x, sync_batch_norm)
+                x = residual_block(f, sync_batch_norm)(x)
         encoder = keras.Model(inputs, _latent_heads(layers.Flatten()(x), z_dim), name='encoder')
 
         z = inputs = keras.Input((z_dim,))
@@ -193,7 +206,7 @@ class ResNet(Network):
         x = layers.Reshape((base, base, filters[-1]))(x)
         for i, f in reversed(list(enumerate(filters))):
             for _ in range(depth):
-                x = residual_block(x, sync_batch_norm)
+                x = residual_block(f, sync_batch_norm)(x)
             if i == 0:
                 x = layers.Conv2DTranspose(channels * params_per_value, 3, strides=2,
                                            padding='same')(x)
@@ -205,10 +218,133 @@ class ResNet(Network):
         return encoder, decoder
 
 
+class Hierarchical(Network):
+    """A top-down hierarchy of latent groups (a ladder VAE: Sønderby et al. 2016; NVAE, Vahdat
+    and Kautz 2020; VDVAE, Child 2021) with a learned conditional prior.
+
+    Groups: the top one, z_dim numbers as in the other networks (the ex-post mixture is fitted
+    to it), then one spatial group of LATENT_CHANNELS channels at each level of the original's
+    resolutions, from the bottom up: 7x7 and 14x14 at 28; 4, 8, 16 (and 32 at 64).
+
+    encoder, bottom-up: conv 3x3 (width) -> per level: conv 3x3/2 (width 2^l) -> BN -> ReLU ->
+      `depth` residual blocks (the level's features); flatten -> dense m, log s^2 of the top.
+    top-down (shared by both paths): dense (bottom) -> ReLU -> reshape; per level, from the
+      bottom: prior conv 3x3 -> (mu_p, log sigma_p); z = mu_p + sigma_p u; h += conv 1x1 (z);
+      `depth` residual blocks; deconv 3x3/2 (-> BN -> ReLU, all but the last, which gives
+      C * params_per_value channels).
+    posterior: q(z_l | x, z_<l) = N(mu_p + sigma_p m, (sigma_p s)^2), (m, log s^2) from a conv
+      3x3 of [h, the level's features], starting at 0 (q = p).
+
+    The latent the rest of the tool sees is u = (u_top, u_1, ...), flattened, of the whitened
+    groups u_l = (z_l - mu_p) / sigma_p. Under the prior every u_l is N(0, I) whatever the
+    groups above, so p(u) = N(0, I); q(u_l | x, u_<l) = N(m, s^2); and KL(q(z_l) || p(z_l))
+    = KL(N(m, s^2) || N(0, I)), per group in closed form, given the groups above. So the
+    decoder maps u ~ N(0, I) to an image through the conditional prior, and the KL,
+    the IW-NLL and the priors of the other networks hold as they are, with (mu, log_var) the
+    (m, log s^2) of the sampled path. The encoder takes (x, eps) and returns the decoder's
+    output with them (the posterior of each group needs the top-down path above it), and
+    the prior's (mu_p, 2 log sigma_p) of the path (0 for the top group).
+    """
+    width, depth = 32, 1
+    latent_channels = 4
+
+    @classmethod
+    def groups(cls, image_size, z_dim, width=None, depth=None):
+        levels, base = ARCHITECTURES[image_size]
+        return [z_dim] + [cls.latent_channels * (base * 2 ** i) ** 2 for i in range(levels)]
+
+    @classmethod
+    def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
+              sync_batch_norm=False, width=None, depth=None):
+        width, depth = cls.resolve(width, depth)
+        levels, base = ARCHITECTURES[image_size]
+        filters = _filters(levels, width)  # level l: (image_size / 2^(l+1))^2 x filters[l]
+        sizes = cls.groups(image_size, z_dim)
+        c = cls.latent_channels
+        norm = lambda **kw: _batch_norm(sync_batch_norm, **kw)
+
+        # The top-down layers, made once: both paths call them.
+        top = layers.Dense(base * base * filters[-1], activation='relu')
+        prior = [layers.Conv2D(2 * c, 3, padding='same', dtype='float32', name=f'prior_{l}')
+                 for l in range(levels)]
+        posterior = [layers.Conv2D(2 * c, 3, padding='same', dtype='float32',
+                                   kernel_initializer='zeros', name=f'posterior_{l}')
+                     for l in range(levels)]
+        project = [layers.Conv2D(f, 1) for f in filters]
+        blocks = [[residual_block(f, sync_batch_norm) for _ in range(depth)] for f in filters]
+        up = [layers.Conv2DTranspose(filters[l - 1], 3, strides=2, padding='same',
+                                     use_bias=False) for l in range(1, levels)]
+        up_norm = [norm() for _ in range(1, levels)]
+        out = layers.Conv2DTranspose(channels * params_per_value, 3, strides=2, padding='same')
+        head = OutputHead(channels, activation)
+
+        def top_down(u_top, group):
+            """u_top (B, z_dim) and group(l, h) -> u_l (B, r, r, c) -> (decoder output, the
+            prior's (mu_p, log var_p) of each level)."""
+            h = keras.ops.reshape(top(u_top), (-1, base, base, filters[-1]))
+            priors = []
+            for l in reversed(range(levels)):
+                mu_p, log_sigma_p = keras.ops.split(prior[l](h), 2, axis=-1)
+                z = mu_p + keras.ops.exp(log_sigma_p) * group(l, h)
+                h = layers.Add()([h, project[l](z)])
+                for block in blocks[l]:
+                    h = block(h)
+                h = out(h) if l == 0 else layers.ReLU()(up_norm[l - 1](up[l - 1](h)))
+                priors.append((mu_p, 2.0 * log_sigma_p))
+            return head(h), priors
+
+        flat = lambda t: keras.ops.reshape(t, (-1, math.prod(t.shape[1:])))
+        offsets = np.cumsum(sizes)[:-1].tolist()
+
+        def unflatten(u, l):  # level l's part of the flat u (B, sum(sizes)) -> (B, r, r, c)
+            r = base * 2 ** (levels - 1 - l)
+            i = 1 + levels - 1 - l  # groups are ordered top first, then from the bottom
+            return keras.ops.reshape(keras.ops.split(u, offsets, axis=-1)[i], (-1, r, r, c))
+
+        # The encoder: bottom-up features, then the top-down path with q of each group.
+        x = image = keras.Input((image_size, image_size, channels))
+        eps = keras.Input((sum(sizes),))
+        x = layers.Conv2D(width, 3, padding='same')(x)
+        features = []
+        for l, f in enumerate(filters):
+            x = layers.Conv2D(f, 3, strides=2, padding='same', use_bias=False)(x)
+            x = layers.ReLU()(norm()(x))
+            for _ in range(depth):
+                x = residual_block(f, sync_batch_norm)(x)
+            features.append(x)
+        mu_top, log_var_top = _latent_heads(layers.Flatten()(x), z_dim)
+        q = {}
+
+        def sample_posterior(l, h):
+            m, log_s2 = keras.ops.split(
+                posterior[l](layers.Concatenate()([h, features[l]])), 2, axis=-1)
+            q[l] = (m, log_s2)
+            return m + keras.ops.exp(0.5 * log_s2) * unflatten(eps, l)
+
+        u_top = mu_top + keras.ops.exp(0.5 * log_var_top) * keras.ops.split(eps, offsets,
+                                                                              axis=-1)[0]
+        params, priors = top_down(u_top, sample_posterior)
+        order = list(reversed(range(levels)))  # the groups below the top, as in u
+        zeros = keras.ops.zeros_like(mu_top)
+        outputs = [params] + [
+            keras.ops.concatenate([top_part] + [flat(t) for t in parts], axis=-1)
+            for top_part, parts in (
+                (mu_top, [q[l][0] for l in order]), (log_var_top, [q[l][1] for l in order]),
+                (zeros, [p[0] for p in priors]), (zeros, [p[1] for p in priors]))]
+        encoder = keras.Model([image, eps], outputs, name='encoder')
+
+        u = keras.Input((sum(sizes),))
+        params, _ = top_down(keras.ops.split(u, offsets, axis=-1)[0],
+                             lambda l, h: unflatten(u, l))
+        decoder = keras.Model(u, params, name='decoder')
+        return encoder, decoder
+
+
 # --arch -> Network: its encoder and decoder.
 NETWORKS = {
     'original': Original,
     'resnet': ResNet,
+    'hierarchical': Hierarchical,
 }
 
 
@@ -216,6 +352,34 @@ def reparameterize(mu, log_var, eps):
     """z = mu + sigma * eps, sigma = exp(log_var / 2): a sample of q(z|x) = N(mu, sigma^2)
     that gradients flow through (Kingma and Welling 2014). Any leading shape."""
     return mu + tf.exp(0.5 * log_var) * eps
+
+
+def forward(encoder, decoder, x, eps=None, training=False):
+    """x (B, S, S, C) -> (params, mu, log_var) of a VAE's encoder and decoder: the decoder's
+    output at z = reparameterize(mu, log_var, eps), or at the posterior's mean when eps is None.
+
+    An encoder of one input gives q(z|x) = N(mu, exp(log_var)) and the decoder maps z. An
+    encoder of two inputs (x, eps) runs the whole pass itself, as a hierarchical one must (the
+    posterior of a lower group depends on the sampled groups above): it returns the decoder's
+    output first, and (mu, log_var) of the sampled path (Hierarchical).
+
+    eps (K, B, Z), K samples per image: params, mu and log_var of the K B pairs, sample k of
+    image b at row k B + b (an encoder of one input runs once).
+    """
+    several = eps is not None and len(eps.shape) == 3
+    repeat = lambda t: tf.reshape(tf.repeat(t[None], tf.shape(eps)[0], axis=0),
+                                  (-1,) + tuple(t.shape[1:]))
+    if len(encoder.inputs) == 2:
+        if eps is None:
+            eps = tf.zeros((tf.shape(x)[0], encoder.inputs[1].shape[-1]))
+        if several:
+            x, eps = repeat(x), tf.reshape(eps, (-1, eps.shape[-1]))
+        return tuple(encoder([x, eps], training=training)[:3])
+    mu, log_var = encoder(x, training=training)
+    z = mu if eps is None else reparameterize(mu, log_var, eps)
+    if several:
+        z, mu, log_var = tf.reshape(z, (-1, z.shape[-1])), repeat(mu), repeat(log_var)
+    return decoder(z, training=training), mu, log_var
 
 
 def replica_noise(shape, seed, step):
@@ -246,8 +410,11 @@ class VAE(keras.Model):
         # The VAE's own inputs, noise and outputs stay float32 under mixed precision; its
         # encoder and decoder compute in the global policy's dtype.
         super().__init__(dtype='float32', **kwargs)
-        self.z_dim, self.data_range = z_dim, data_range
-        self.likelihood = likelihood
+        self.data_range, self.likelihood = data_range, likelihood
+        # The latent groups, top first; z concatenates them (z_dim: the top group's size).
+        self.groups = NETWORKS[arch].groups(image_size, z_dim, width, depth)
+        self.z_dim = sum(self.groups)
+        self.image_shape = (image_size, image_size, channels)
         self.encoder, self.decoder = NETWORKS[arch].build(
             image_size, channels, z_dim, likelihood.params_per_value,
             OUTPUT_ACTIVATIONS[data_range], sync_batch_norm, width, depth)
@@ -261,9 +428,7 @@ class VAE(keras.Model):
 
         params: the decoder's output, (B, S, S, C * params_per_value); see losses.Likelihood.
         """
-        mu, log_var = self.encoder(x, training=training)
-        z = mu if eps is None else reparameterize(mu, log_var, eps)
-        return self.decoder(z, training=training), mu, log_var
+        return forward(self.encoder, self.decoder, x, eps, training)
 
     def decode(self, z):
         """z (B, Z) -> the decoder mean x_hat (B, S, S, C), in evaluation mode."""
@@ -271,7 +436,7 @@ class VAE(keras.Model):
 
     def reconstruct(self, x):
         """x (B, S, S, C) -> the decoder mean at z = mu, in evaluation mode."""
-        return self.decode(self.encoder(x, training=False)[0])
+        return self.likelihood.mean(self(x)[0])
 
 
 @keras.saving.register_keras_serializable('sigma_vae')
@@ -300,11 +465,13 @@ class FitVAE(keras.Model):
     """
 
     def __init__(self, encoder, decoder, likelihood, beta=1.0, seed=0, kl_warmup=None,
-                 free_bits=None, **kwargs):
+                 free_bits=None, groups=None, **kwargs):
         super().__init__(**kwargs)
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
         self.beta, self.seed = float(beta), int(seed)
         self.kl_warmup, self.free_bits = kl_warmup, free_bits
+        self.z_dim = decoder.inputs[0].shape[-1]
+        self.groups = None if groups is None else list(groups)  # None: one group
         self.trackers = {k: keras.metrics.Mean(name=k)
                          for k in losses.METRICS + ('bits_per_dim_discrete',)}
         self.built = True  # the encoder and decoder are built networks
@@ -313,7 +480,7 @@ class FitVAE(keras.Model):
         nets = {k: keras.saving.serialize_keras_object(getattr(self, k))
                 for k in ('encoder', 'decoder', 'likelihood')}
         return {'name': self.name, **nets, 'beta': self.beta, 'seed': self.seed,
-                'kl_warmup': self.kl_warmup, 'free_bits': self.free_bits}
+                'kl_warmup': self.kl_warmup, 'free_bits': self.free_bits, 'groups': self.groups}
 
     @classmethod
     def from_config(cls, config):
@@ -328,9 +495,7 @@ class FitVAE(keras.Model):
 
     def call(self, x, eps=None, training=False):
         """x (B, H, W, C) -> (params, mu, log_var); z = mu when eps is None."""
-        mu, log_var = self.encoder(x, training=training)
-        z = mu if eps is None else reparameterize(mu, log_var, eps)
-        return self.decoder(z, training=training), mu, log_var
+        return forward(self.encoder, self.decoder, x, eps, training)
 
     def decode(self, z):
         """z (B, Z) -> the decoder mean x_hat, in evaluation mode."""
@@ -338,13 +503,12 @@ class FitVAE(keras.Model):
 
     def _loss(self, data, step, training):
         x = data[0] if isinstance(data, (tuple, list)) else data  # images, or (images, labels)
-        mu, log_var = self.encoder(x, training=training)
-        eps = replica_noise(tf.shape(mu), self.seed, step)
-        params = self.decoder(reparameterize(mu, log_var, eps), training=training)
+        eps = replica_noise((tf.shape(x)[0], self.z_dim), self.seed, step)
+        params, mu, log_var = self(x, eps, training=training)
         beta = losses.kl_weight(self.beta, step, self.kl_warmup) if training else self.beta
         return x, losses.vae_loss(self.likelihood, x, params, mu, log_var, beta,
                                   losses.replica_mean, losses.replica_batch(x), training,
-                                  self.free_bits)
+                                  self.free_bits, self.groups)
 
     def train_step(self, data):
         with tf.GradientTape() as tape:
@@ -371,7 +535,7 @@ class Evaluator:
 
     def __init__(self, vae, beta=1.0, seed=0):
         self.vae, self.beta, self.seed = vae, beta, seed
-        self.num_values = int(np.prod(vae.encoder.input_shape[1:]))  # D, values per image
+        self.num_values = int(np.prod(vae.image_shape))  # D, values per image
         self.log_scale = data.log_scale(vae.data_range)
         self.step = tf.function(self._step, reduce_retracing=True)
 
@@ -381,13 +545,18 @@ class Evaluator:
 
     def _step(self, x, seed):
         """{name: sum over a test batch}: rec, kl, log sigma, the discrete rec, the MSE per value
-        of the reconstruction from z = mu, and the number of images (count)."""
+        of the reconstruction from z = mu, the number of images (count), and with several
+        latent groups the KL of each (kl_group<l>, top first)."""
         eps = tf.random.stateless_normal((tf.shape(x)[0], self.vae.z_dim), seed=seed)
         params, mu, log_var = self.vae(x, eps, training=False)
         rec, discrete, log_sigma = self.vae.likelihood.test_terms(x, params)
-        terms = {'rec': rec, 'kl': tf.reduce_sum(losses.kl_divergence(mu, log_var), -1),
-                 'log_sigma': log_sigma, 'discrete': discrete,
+        kl = losses.kl_divergence(mu, log_var)
+        terms = {'rec': rec, 'kl': tf.reduce_sum(kl, -1), 'log_sigma': log_sigma,
+                 'discrete': discrete,
                  'mse': losses.per_image_mean(tf.square(x - self.vae.reconstruct(x)))}
+        if len(self.vae.groups) > 1:
+            terms.update((f'kl_group{l}', tf.reduce_sum(k, -1))
+                         for l, k in enumerate(tf.split(kl, self.vae.groups, -1)))
         sums = {k: tf.reduce_sum(v) for k, v in terms.items()}
         sums['count'] = tf.cast(tf.shape(x)[0], tf.float32)
         return sums
@@ -405,6 +574,7 @@ class Evaluator:
         stats['bits_per_dim_discrete'] = losses.bits_per_dim(means['discrete'] + means['kl'],
                                                              self.num_values, 0.0)
         stats['mse'] = means['mse']
+        stats.update((k, v) for k, v in means.items() if k.startswith('kl_group'))
         return {'test_' + k: v for k, v in stats.items()}
 
 
@@ -418,8 +588,9 @@ def recompute_batch_norm(vae, batches, seed=0):
     README). Each layer reads `momentum` when it is called, so momentum k / (k + 1) on the k-th
     batch (from 0) makes its update the running average of the batches' statistics.
     """
-    norms = [layer for model in (vae.encoder, vae.decoder) for layer in model.layers
-             if isinstance(layer, layers.BatchNormalization)]
+    norms = list({id(layer): layer for model in (vae.encoder, vae.decoder)  # shared: once
+                  for layer in model.layers if isinstance(layer, layers.BatchNormalization)}
+                 .values())
     momentum = [layer.momentum for layer in norms]
     try:
         for k, x in enumerate(batches):

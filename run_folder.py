@@ -324,6 +324,13 @@ def make_vae(config, sync_batch_norm=False):
                       config.data_range, sync_batch_norm, config.arch, config.width, config.depth)
 
 
+def latent_groups(config):
+    """The sizes of a run's latent groups, top first (the VAE's `groups`, without building it):
+    [z_dim] but for models.Hierarchical; z has their sum."""
+    return models.NETWORKS[config.arch].groups(config.image_size, config.z_dim, config.width,
+                                               config.depth)
+
+
 def prior_z(n, z_dim, seed):
     """The fixed z ~ N(0, I) of a run, (n, z_dim) float32, drawn from (seed, 2): the same
     whatever n, in its first rows. With the run's seed, training's grids show its first
@@ -806,12 +813,13 @@ def decode_images(vae, z, data_range, desc='decoding'):
     return np.concatenate(out)
 
 
-def encode_images(vae, images, num_images, config):
+def encode_images(vae, images, num_images, config, dims=None):
     """mu and log_var (N, Z), float32, of uint8 images (an unbatched tf.data set of num_images
-    or an array), in evaluation mode, in batches of BATCH (a progress bar when N is large)."""
+    or an array), in evaluation mode (the posterior's mean path: see models.forward), in
+    batches of BATCH (a progress bar when N is large); only the first `dims` of z if given."""
     if isinstance(images, np.ndarray):
         images = tf.data.Dataset.from_tensor_slices(images)
-    encode = tf.function(lambda x: vae.encoder(x, training=False), reduce_retracing=True)
+    encode = tf.function(lambda x: [t[:, :dims] for t in vae(x)[1:]], reduce_retracing=True)
     batches = data.make_pipeline(images, config.image_size, BATCH, drop_remainder=False,
                                  data_range=config.data_range)
     out = [[t.numpy() for t in encode(x)] for x in utils.progress(
@@ -830,11 +838,13 @@ GMM_COMPONENTS = 10
 
 def prior_samples(vae, config, n, seed=None, gmm=None):
     """n decoded samples as uint8 of the prior: the run's fixed z (prior_z, from `seed`, the
-    run's by default), or the mixture `gmm` (a dict of models.fit_gmm's arrays)."""
+    run's by default), or the mixture `gmm` (a dict of models.fit_gmm's arrays) for the top
+    latent group, the others (models.Hierarchical's) those of the fixed z."""
     seed = config.seed if seed is None else seed
-    with np.errstate(over='ignore', invalid='ignore'):
-        z = (models.sample_gmm(gmm, n, seed).astype(np.float32) if gmm is not None
-             else prior_z(n, config.z_dim, seed))
+    z = prior_z(n, vae.z_dim, seed)
+    if gmm is not None:
+        with np.errstate(over='ignore', invalid='ignore'):
+            z[:, :vae.groups[0]] = models.sample_gmm(gmm, n, seed).astype(np.float32)
     if not np.all(np.isfinite(z)):  # a mixture read_prior passed, yet too wide for float32
         raise UsageError(f'the mixture prior of {config.run_dir} gives z that are not finite in '
                          f'float32: fit it again (generate.py fit_prior)')
@@ -844,13 +854,14 @@ def prior_samples(vae, config, n, seed=None, gmm=None):
 
 def fit_prior(run_dir, config, vae, state, components=GMM_COMPONENTS, why=None):
     """Fits the ex-post prior (Ghosh et al. 2020): a Gaussian mixture over the encoder means
-    of the whole training split; saves it as <run_dir>/prior_gmm.npz (plain arrays, with
+    of the whole training split, of the top latent group (all of z but for models.Hierarchical,
+    whose lower groups come from its conditional prior: prior_samples); saves it as <run_dir>/prior_gmm.npz (plain arrays, with
     the checkpoint step it belongs to), says so on one line (ending with `why`, if given)
     and returns it."""
     path = os.path.join(run_dir, PRIOR_FILE)
     start = time.time()
     splits = state.splits
-    means, _ = encode_images(vae, splits.train, splits.num_train, config)
+    means, _ = encode_images(vae, splits.train, splits.num_train, config, dims=vae.groups[0])
     encoded = time.time()
     try:
         gmm = models.fit_gmm(means, components, config.seed)

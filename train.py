@@ -236,7 +236,7 @@ class Trainer:
                                  epoch=self.epoch, train_seconds=self.train_seconds),
             self.train_sums, self.chief, worker, dict(skipped_updates=self.skipped_updates))
         # The fixed z of the sample grids (run_folder.prior_z): the same z in every grid.
-        self.prior_z = run_folder.prior_z(run_folder.NUM_SAMPLES, config.z_dim, config.seed)
+        self.prior_z = run_folder.prior_z(run_folder.NUM_SAMPLES, self.vae.z_dim, config.seed)
         self.evaluate = models.Evaluator(self.vae, config.beta, config.seed)
         self.update = tf.function(self._update, jit_compile=config.xla)
         self.train_step = tf.function(self._train_step)
@@ -268,13 +268,13 @@ class Trainer:
         batch, the same on every replica; this replica's gradients, scaled under float16)."""
         vae, config = self.vae, self.config
         with tf.GradientTape() as tape:
-            mu, log_var = vae.encoder(x, training=True)
-            eps = models.replica_noise(tf.shape(mu), config.seed, self.step)
-            params = vae.decoder(models.reparameterize(mu, log_var, eps), training=True)
+            eps = models.replica_noise((tf.shape(x)[0], vae.z_dim), config.seed, self.step)
+            params, mu, log_var = vae(x, eps, training=True)
             loss, stats = losses.vae_loss(
                 vae.likelihood, x, params, mu, log_var,
                 losses.kl_weight(config.beta, self.step, config.kl_warmup),
-                losses.replica_mean, losses.replica_batch(x), free_bits=config.free_bits)
+                losses.replica_mean, losses.replica_batch(x), free_bits=config.free_bits,
+                groups=vae.groups)
             scaled = self.optimizer.scale_loss(loss)
         return stats, tape.gradient(scaled, vae.trainable_variables)
 
