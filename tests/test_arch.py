@@ -27,11 +27,14 @@ def _batch(seed, n=8, size=28, channels=1):
 def test_shapes_at_28_and_32(arch, model):
     ppv = losses.DECODERS[model].params_per_value
     for size, channels in ((28, 1), (32, 3)):
-        encoder, decoder = models.NETWORKS[arch].build(size, channels, 5, ppv, **TINY_NET)
-        mu, log_var = encoder(_batch(0, 2, size, channels))
-        assert mu.shape == log_var.shape == (2, 5) and mu.dtype == tf.float32
-        params = decoder(mu)
+        network = models.NETWORKS[arch]
+        encoder, decoder = network.build(size, channels, 5, ppv, **TINY_NET)
+        z_dim = sum(network.groups(size, 5, **TINY_NET))
+        assert network.groups(size, 5)[0] == 5  # the top group: --z_dim
+        params, mu, log_var = models.forward(encoder, decoder, _batch(0, 2, size, channels))
+        assert mu.shape == log_var.shape == (2, z_dim) and mu.dtype == tf.float32
         assert params.shape == (2, size, size, channels * ppv)
+        np.testing.assert_allclose(decoder(mu), params, atol=1e-5)  # z = mu: the mean's path
         mean = params[..., :channels].numpy()
         assert np.all(np.abs(mean) <= 1.0)  # tanh on the mean only
 
@@ -65,7 +68,7 @@ def test_a_few_steps_lower_the_loss(arch, model):
     vae = models.VAE(28, 1, 3, losses.DECODERS[model](), arch=arch, **TINY_NET)
     optimizer = keras.optimizers.Adam(3e-3)
     x = _batch(1)
-    eps = tf.random.stateless_normal((8, 3), seed=[1, 2])
+    eps = tf.random.stateless_normal((8, vae.z_dim), seed=[1, 2])
     before = [w.numpy() for w in vae.trainable_variables]
     history = []
     for _ in range(6):
@@ -78,6 +81,71 @@ def test_a_few_steps_lower_the_loss(arch, model):
     assert np.all(np.isfinite(history))
     assert any(not np.array_equal(b, w.numpy()) for b, w in zip(before, vae.trainable_variables))
     assert history[-1] < history[0]
+
+
+@pytest.mark.parametrize('model', list(losses.DECODERS))
+@pytest.mark.parametrize('arch', list(models.NETWORKS))
+def test_iw_nll_with_one_sample_is_the_negative_elbo_of_the_same_z(arch, model):
+    """K = 1: log w = log p(x|z) + log p(z) - log q(z|x) of the one z, whose q (for a
+    hierarchical network, the path's) comes from models.forward; log densities by hand."""
+    import evaluate
+    keras.utils.set_random_seed(2)
+    vae = models.VAE(28, 1, 3, losses.DECODERS[model](), arch=arch, **TINY_NET)
+    x = tf.constant(np.round(np.random.default_rng(4).uniform(0, 255, (4, 28, 28, 1)))
+                    / 127.5 - 1, tf.float32)
+    nll, discrete, seen = evaluate.importance_weighted_nll(
+        vae, tf.data.Dataset.from_tensor_slices(x).batch(4), 1, seed=5)
+    eps = tf.random.stateless_normal((1, 4, vae.z_dim), seed=[5, 0])[0]
+    params, mu, log_var = vae(x, eps)
+    z = mu + np.exp(0.5 * log_var.numpy()) * eps.numpy()
+    log_q = -0.5 * np.sum(eps.numpy() ** 2 + log_var.numpy() + np.log(2 * np.pi), -1)
+    log_p = -0.5 * np.sum(z ** 2 + np.log(2 * np.pi), -1)
+    rec, rec_discrete, _ = vae.likelihood.test_terms(x, params)
+    assert seen == 4
+    assert nll == pytest.approx(np.mean(rec.numpy() + log_q - log_p), rel=1e-5, abs=1e-3)
+    assert discrete == pytest.approx(np.mean(rec_discrete.numpy() + log_q - log_p), rel=1e-5,
+                                     abs=1e-3)
+
+
+def test_hierarchical_kl_is_each_groups_gaussian_kl_in_numpy():
+    """The KL the loss and the Evaluator take, KL(N(m, s^2) || N(0, I)) of the whitened groups,
+    against the KL of each group's z in float64: q = N(mu_p + sigma_p m, (sigma_p s)^2) and
+    the conditional prior p = N(mu_p, sigma_p^2) the encoder reports for the sampled path; and
+    the decoder, given that path's u, gives the encoder's output (one top-down path)."""
+    keras.utils.set_random_seed(3)
+    vae = models.VAE(28, 1, 3, losses.Gaussian(), arch='hierarchical', **TINY_NET)
+    x = _batch(5, 4)
+    # Training moves the posterior heads off their start (q = p) and the prior off N(0, 1).
+    optimizer = keras.optimizers.Adam(1e-2)
+    for i in range(5):
+        with tf.GradientTape() as tape:
+            eps = tf.random.stateless_normal((4, vae.z_dim), seed=[i, 1])
+            params, mu, log_var = vae(x, eps, training=True)
+            loss, _ = losses.vae_loss(vae.likelihood, x, params, mu, log_var)
+        optimizer.apply_gradients(zip(tape.gradient(loss, vae.trainable_variables),
+                                      vae.trainable_variables))
+    eps = tf.random.stateless_normal((4, vae.z_dim), seed=[9, 9])
+    params, m, log_s2, mu_p, log_var_p = (t.numpy().astype(np.float64)
+                                          for t in vae.encoder([x, eps]))
+    assert vae.groups == [3, 4 * 7 * 7, 4 * 14 * 14]
+    edges = np.cumsum(vae.groups)[:-1]
+    assert np.all(mu_p[:, :3] == 0) and np.all(log_var_p[:, :3] == 0)  # the top: N(0, I)
+    assert np.std(log_var_p[:, 3:]) > 1e-3 and np.std(log_s2[:, 3:]) > 1e-3
+    mu_q, var_q = mu_p + np.exp(0.5 * log_var_p) * m, np.exp(log_var_p + log_s2)
+    kl_z = 0.5 * (log_var_p - np.log(var_q) + (var_q + (mu_q - mu_p) ** 2) / np.exp(log_var_p)
+                  - 1)
+    expected = [g.sum(-1) for g in np.split(kl_z, edges, axis=1)]
+    kl = losses.kl_divergence(tf.constant(m, tf.float32), tf.constant(log_s2, tf.float32))
+    for got, want in zip(tf.split(kl, vae.groups, -1), expected):
+        np.testing.assert_allclose(tf.reduce_sum(got, -1).numpy(), want, rtol=1e-4, atol=1e-4)
+    assert all(np.all(e > 0) for e in expected)
+    u = m + np.exp(0.5 * log_s2) * eps.numpy()
+    np.testing.assert_allclose(vae.decoder(tf.constant(u, tf.float32)).numpy(), params,
+                               atol=1e-4)
+    # The Evaluator's per-group KLs are the same sums (its own noise: not the values above).
+    stats = models.Evaluator(vae)(tf.data.Dataset.from_tensor_slices(x).batch(4))
+    assert stats['test_kl'] == pytest.approx(sum(stats[f'test_kl_group{l}'] for l in range(3)),
+                                             rel=1e-5)
 
 
 # ---- the config: --arch, --width, --depth, and runs written before them ------------------
@@ -164,9 +232,9 @@ def test_free_bits_value_and_no_gradient_below_lambda():
     with tf.GradientTape(persistent=True) as tape:
         groups = [losses.kl_divergence(mu[:, :2], log_var[:, :2]),
                   losses.kl_divergence(mu[:, 2:], log_var[:, 2:])]
-        plain, stats = losses.vae_loss(losses.Gaussian(), x, params, mu, log_var, kl_groups=groups)
+        plain, stats = losses.vae_loss(losses.Gaussian(), x, params, mu, log_var, groups=[2, 3])
         loss, fb_stats = losses.vae_loss(losses.Gaussian(), x, params, mu, log_var, free_bits=lam,
-                                         kl_groups=groups)
+                                         groups=[2, 3])
         big = tf.reduce_sum(groups[1])
     small_mean = float(tf.reduce_mean(tf.reduce_sum(groups[0], -1)))
     assert small_mean < lam < float(tf.reduce_mean(tf.reduce_sum(groups[1], -1)))
@@ -213,10 +281,11 @@ def test_skip_threshold_skips_the_update_and_counts_it(tmp_path):
                for b, w in zip(before, trainer.vae.trainable_variables))
 
 
-def test_resnet_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize('arch', ['resnet', 'hierarchical'])
+def test_resume_equals_an_uninterrupted_run(tmp_path, arch):
     """Two steps, a checkpoint, a new process's trainer restoring it, two more steps: the
     weights of four uninterrupted steps (batch norm statistics, optimizer, step and counters)."""
-    options = dict(arch='resnet', **TINY_NET, kl_warmup=3, free_bits=0.1, skip_threshold=1e6)
+    options = dict(arch=arch, **TINY_NET, kl_warmup=3, free_bits=0.1, skip_threshold=1e6)
     batches = [_batch(i) for i in range(4)]
     whole = _trainer(tmp_path, 'whole', **options)
     for x in batches:
