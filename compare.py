@@ -45,6 +45,10 @@ COLUMNS = [  # (header, key in the evaluation, format)
     ('FID GMM', 'fid_gmm', '{:.2f}'),
     ('train time', 'train_seconds', '{:.0f} s'),
 ]
+GROUP_COLUMNS = [  # with several latent groups (--arch hierarchical), top first
+    ('KL per group (nats)', 'kl_per_group', '{}'), ('active units per group', 'active_per_group', '{}'),
+    ('skipped updates', 'skipped_updates', '{}'), ('diverged', 'diverged', '{}'),
+]
 SWEEP_COLUMNS = [
     ('run', 'name', '{}'), ('β (effective for decoders)', 'effective_beta', '{:.3g}'),
     ('KL (nats)', 'test_kl', '{:.1f}'), ('test MSE', 'test_mse', '{:.4f}'),
@@ -59,6 +63,8 @@ BETA_VAE_MODEL = 'gaussian'  # the fixed-sigma decoder a beta-VAE weights
 SHARED_FLAGS = ('output_dir', 'dataset', 'data_dir', 'data_range', 'epochs', 'max_steps',
                 'batch_size', 'image_size', 'z_dim', 'seed', 'arch', 'width', 'depth')
 DEFAULTS = {'output_dir': 'output/compare'}
+# The heuristics of deep VAEs, for the runs of --heuristics only.
+HEURISTIC_FLAGS = ('kl_warmup', 'free_bits', 'skip_threshold')
 
 
 def make_parser():
@@ -72,6 +78,10 @@ def make_parser():
     p.add_argument('--beta_sweep', default='',
                    help='comma-separated KL weights: a beta-VAE (the gaussian model) for each, '
                         'and the rate-distortion and FID-against-beta figures')
+    p.add_argument('--heuristics', default='',
+                   help='comma-separated models also trained with --kl_warmup, --free_bits and '
+                        '--skip_threshold (which no other run uses), as <model>_heuristics')
+    train.add_config_flags(p, HEURISTIC_FLAGS)
     evaluate.add_evaluation_flags(p, components=run_folder.GMM_COMPONENTS)
     return p
 
@@ -83,6 +93,13 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in losses.DECODERS]
     if unknown or not args.models:
         parser.error(f'--models must list models of {list(losses.DECODERS)}, got {args.models}')
+    args.heuristics = [m for m in args.heuristics.split(',') if m]
+    if any(m not in losses.DECODERS for m in args.heuristics):
+        parser.error(f'--heuristics must list models of {list(losses.DECODERS)}, '
+                     f'got {args.heuristics}')
+    if args.heuristics and all(getattr(args, k) is None for k in HEURISTIC_FLAGS):
+        parser.error('--heuristics needs at least one of --kl_warmup, --free_bits, '
+                     '--skip_threshold')
     try:
         args.beta_sweep = sorted({utils.positive(float)(b) for b in args.beta_sweep.split(',')
                                   if b.strip()})
@@ -113,6 +130,10 @@ def runs(args):
     model's (beta = 1) is that model's run, marked as a sweep point."""
     base = {name: getattr(args, name) for name in SHARED_FLAGS}
     out = [[m, Config(model=m, experiment_name=m, **base), None] for m in args.models]
+    heuristics = {k: getattr(args, k) for k in HEURISTIC_FLAGS}
+    out += [[f'{m} + ' + ', '.join(k for k, v in heuristics.items() if v is not None),
+             Config(model=m, experiment_name=f'{m}_heuristics', **base, **heuristics), None]
+            for m in args.heuristics]
     betas = [(b, True) for b in args.beta_sweep]
     if args.beta_vae is not None and args.beta_vae not in args.beta_sweep:
         betas.append((args.beta_vae, False))
@@ -188,7 +209,12 @@ def compare(args):
                                               if config.max_steps else '')
         print(f'[{i + 1}/{len(plan)}] {label}: training {budget} '
               f'({done / 60:.1f} min elapsed{left})', flush=True)
-        train.train(config)
+        try:
+            train.train(config)
+            diverged = 'no'
+        except run_folder.Diverged as e:  # a result of the comparison: its last good checkpoint
+            print(f'[{i + 1}/{len(plan)}] {label}: {e}', flush=True)
+            diverged = str(e).split(':')[0].replace('training diverged at ', '')
         result = previous_evaluation(config.run_dir, args)
         worked += result is None
         if result is None:
@@ -201,12 +227,25 @@ def compare(args):
                   f'(step {result["step"]}) with these settings: kept', flush=True)
         result['fid'] = result.get(f'fid_{args.features}')
         result['fid_gmm'] = result.get(f'fid_{args.features}_gmm')
+        result.update(group_summary(result), diverged=diverged,
+                      skipped_updates=run_folder.read_metrics(config.run_dir)[-1]
+                      .get('skipped_updates', 0))
         results.append({'name': label, 'sweep_beta': sweep_beta, **result})
     write_outputs(args, results)
     print(markdown_table(results))
     print(f'compared {len(plan)} runs in {(time.time() - start) / 60:.1f} min; '
           f'results in {args.output_dir}/results.md')
     return results
+
+
+def group_summary(result):
+    """The test KL and active units of each latent group, top first, as 'a / b / c' (None
+    for a network with one latent)."""
+    groups = sorted(int(k[len('test_kl_group'):]) for k in result if k.startswith('test_kl_group'))
+    if not groups:
+        return {'kl_per_group': None, 'active_per_group': None}
+    return {'kl_per_group': ' / '.join(f"{result[f'test_kl_group{l}']:.1f}" for l in groups),
+            'active_per_group': ' / '.join(str(result[f'active_units_group{l}']) for l in groups)}
 
 
 def previous_evaluation(run_dir, args):
@@ -243,6 +282,7 @@ def write_outputs(args, results):
         details += (f"; real images for reference: {reference['fid_samples']} training images "
                     f'against the test images, FID {reference[real]:.2f}')
     text = f'{details}\n\n' + markdown_table(results)
+    text += '\n' + markdown_table(results, COLUMNS[:1] + GROUP_COLUMNS)
     swept = any(r['sweep_beta'] is not None for r in results)
     if swept:
         by_beta = sorted(results, key=lambda r: (r.get('effective_beta') is None,
