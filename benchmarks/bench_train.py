@@ -1,23 +1,32 @@
 """Training throughput on a shared, noisy machine: steps in memory and the whole command.
 
-python benchmarks/bench_train.py [--repeats 5] [--steps 20] [--cli_repeats 3]
+python benchmarks/bench_train.py [--archs original,resnet,...] [--repeats 5] [--steps 20] [--cli_repeats 3]
 
-1. Steps on tensors in memory. For each model, batch size, XLA setting and precision
+Every network of models.NETWORKS (--arch of train.py, at its default --width and --depth) is
+measured unless --archs names some.
+
+1. Steps on tensors in memory. For each network, model, batch size, XLA setting and precision
    (float32, bfloat16) it times --steps training steps, --repeats times. The repeats of all
    settings are interleaved (round robin), and each timing is preceded by a burst of matrix
    products in the setting's precision, so that every model figure has a peak measured
    seconds before it: the share of matmul is the median of these paired ratios. It also
-   reports the share against the highest peak seen in the whole run, and how far repeats
-   disagree (min-max). FLOPs are counted from the layer shapes (training = 3 x forward).
-2. The whole command on real Fashion-MNIST: `train.py --epochs 1` in its own process, with
-   progress bar, summaries and checkpoint, float32 and bfloat16 alternating, --cli_repeats
-   times each; images/s from the run's own train_seconds, its one-epoch training bits/dim,
-   the test bits/dim its metrics row gives (batch norm's moving statistics: training's running
-   check) and the test figures evaluate.py would give (statistics recomputed, float32).
+   reports the share against the highest peak seen in the whole run, how far repeats
+   disagree (min-max), and bfloat16's speed over float32's (the median of the ratios of the
+   two timings of a repeat, taken one after the other), per setting and per network. FLOPs:
+   the calls of Conv, Conv-transpose and Dense layers one training step makes (run once,
+   eagerly), each with its own shapes (training = 3 x forward), checked against the same count
+   over the graphs of the encoder and decoder (every node, a shared layer's too).
+2. The whole command on real Fashion-MNIST: `train.py --arch A --epochs 1` in its own process,
+   with progress bar, summaries and checkpoint, float32 and bfloat16 alternating,
+   --cli_repeats times each (--cli_max_steps: a part of the epoch); images/s from the run's own
+   train_seconds, its training bits/dim, the test bits/dim its metrics row gives (batch norm's
+   moving statistics: training's running check) and the test figures evaluate.py would give
+   (statistics recomputed, float32).
 """
 import argparse
 import fcntl
 import json
+import math
 import os
 import pty
 import statistics
@@ -48,21 +57,76 @@ import train  # noqa: E402
 PEAK_SIZE = 2048  # the matmul burst: n x n times n x n
 
 
+# The layers whose FLOPs are counted; what else a network computes (batch norm, activations,
+# additions, the likelihood) is left out.
+CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+CONV_TRANSPOSES = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                   keras.layers.Conv3DTranspose)
+COUNTED = CONV_TRANSPOSES + CONVS + (keras.layers.Dense,)
+
+
+def layer_flops(layer, input_shape, output_shape):
+    """Multiply-adds x 2 of one call of a convolution, transposed convolution or dense layer,
+    per image, from that call's input and output shapes (batch first); 0 for other layers."""
+    if isinstance(layer, CONV_TRANSPOSES):  # each input value is spread over k x c_out outputs
+        return (2 * math.prod(layer.kernel_size) * input_shape[-1] * layer.filters
+                * math.prod(input_shape[1:-1]))
+    if isinstance(layer, CONVS):  # each output value gathers k x c_in / groups inputs
+        return (2 * math.prod(layer.kernel_size) * (input_shape[-1] // layer.groups)
+                * output_shape[-1] * math.prod(output_shape[1:-1]))
+    if isinstance(layer, keras.layers.Dense):  # on the last axis, at every other position
+        return 2 * input_shape[-1] * layer.units * math.prod(input_shape[1:-1])
+    return 0
+
+
 def forward_flops(model):
-    """Multiply-adds x 2 of the Conv2D, Conv2DTranspose and Dense layers of a Keras model, per image."""
+    """Multiply-adds x 2 of the Conv, Conv-transpose and Dense layers of a functional Keras
+    model, per image: every call in the model's graph (its nodes), with that call's shapes, so
+    that a layer called twice, or shared with another model, counts each of its calls here;
+    a nested model counts once per call. Layers inside a subclassed layer's call are not
+    nodes of the graph and are not seen (StepCalls sees them)."""
+    graph = getattr(model, '_functional', None) or model  # a built Sequential's graph
+    nodes = getattr(graph, '_nodes_by_depth', None)
+    if nodes is None:
+        raise TypeError(f'{model.name}: not a functional Keras model, its graph cannot be read')
     total = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2DTranspose):
-            k = np.prod(layer.kernel_size)
-            _, h, w, c_in = layer.input.shape  # each input value is spread over k x c_out outputs
-            total += 2 * k * c_in * layer.filters * h * w
-        elif isinstance(layer, keras.layers.Conv2D):
-            k = np.prod(layer.kernel_size)
-            _, h, w, c_out = layer.output.shape
-            total += 2 * k * layer.input.shape[-1] * c_out * h * w
-        elif isinstance(layer, keras.layers.Dense):
-            total += 2 * layer.input.shape[-1] * layer.units
+    for node in (n for depth in nodes.values() for n in depth):
+        op = node.operation
+        if isinstance(op, keras.Model):
+            total += forward_flops(op)
+        elif isinstance(op, COUNTED):
+            total += layer_flops(op, node.input_tensors[0].shape, node.output_tensors[0].shape)
     return int(total)
+
+
+class StepCalls:
+    """Counts, per image, the FLOPs (as layer_flops) of every call of a Conv, Conv-transpose
+    or Dense layer of `model` (nested ones too, subclassed layers' included) made while the
+    context is open, with the shapes of the call, by wrapping the layers' call methods."""
+
+    def __init__(self, model):
+        self.layers = [l for l in model._flatten_layers(include_self=True, recursive=True)
+                       if isinstance(l, COUNTED)]
+        self.flops = self.calls = 0
+
+    def _wrap(self, layer):
+        call = layer.call
+
+        def counting(inputs, *args, **kwargs):
+            outputs = call(inputs, *args, **kwargs)
+            self.flops += int(layer_flops(layer, tuple(inputs.shape), tuple(outputs.shape)))
+            self.calls += 1
+            return outputs
+        return counting
+
+    def __enter__(self):
+        for layer in self.layers:  # on the instance; object's: no attribute tracking
+            object.__setattr__(layer, 'call', self._wrap(layer))
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            object.__delattr__(layer, 'call')
 
 
 class MatmulPeak:
@@ -82,12 +146,13 @@ class MatmulPeak:
         return 2 * self.n ** 3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def make_step(model, precision, batch, xla, channels=1):
-    """A Trainer's compiled update and its batches, built under the precision's policy."""
+def make_step(arch, model, precision, batch, xla, channels=1):
+    """A Trainer's compiled update and its batches, built under the precision's policy, and
+    the training FLOPs of one image: 3 x the forward FLOPs of the calls one step makes."""
     precision = None if precision == 'float32' else precision
-    config = run_folder.Config(model=model, batch_size=batch, xla=xla, mixed_precision=precision,
-                          channels=channels, output_dir=tempfile.gettempdir(),
-                          experiment_name='bench')
+    config = run_folder.Config(model=model, arch=arch, batch_size=batch, xla=xla,
+                               mixed_precision=precision, channels=channels,
+                               output_dir=tempfile.gettempdir(), experiment_name='bench')
     keras.mixed_precision.set_dtype_policy(train.POLICIES[precision])
     try:
         trainer = train.Trainer(config)
@@ -96,11 +161,15 @@ def make_step(model, precision, batch, xla, channels=1):
     rng = np.random.default_rng(0)
     batches = [tf.constant(np.round(rng.uniform(0, 255, (batch, 28, 28, channels))) / 127.5 - 1,
                            tf.float32) for _ in range(4)]
+    # One step run eagerly (two images: FLOPs per image do not depend on the batch) sees every
+    # layer call the compiled one makes, however the network wires its models.
+    with StepCalls(trainer.vae) as step_calls:
+        trainer._update(batches[0][:2])
+    graphs = forward_flops(trainer.vae.encoder) + forward_flops(trainer.vae.decoder)
     for x in batches:  # trace and warm up
         trainer.update(x)
     float(trainer.update(batches[0])['loss'])
-    flops = 3 * (forward_flops(trainer.vae.encoder) + forward_flops(trainer.vae.decoder))
-    return trainer.update, batches, flops
+    return trainer.update, batches, 3 * step_calls.flops, (graphs, step_calls)
 
 
 def time_steps(step, batches, steps):
@@ -115,45 +184,78 @@ def spread(values):
     return f'{min(values):.0f}-{max(values):.0f}'
 
 
+def paired_ratios(seen, settings):
+    """{bfloat16 setting: its images/s over float32's of the same setting, per repeat (the two
+    timings of a repeat are taken one after the other)}."""
+    ratios = {}
+    for s in settings:
+        if s[2] == 'bfloat16':
+            other = s[:2] + ('float32',) + s[3:]
+            if other in seen:
+                ratios[s] = [b / f for (b, _), (f, _) in zip(seen[s], seen[other])]
+    return ratios
+
+
 def bench_steps(args):
     peaks = {p: MatmulPeak(tf.bfloat16 if p == 'bfloat16' else tf.float32) for p in args.precisions}
-    settings = [(m, p, b, x) for m in args.models for b in args.batches for x in args.xla
-                for p in args.precisions]
+    settings = [(a, m, p, b, x) for a in args.archs for m in args.models for b in args.batches
+                for x in args.xla for p in args.precisions]
     print(f'building and tracing {len(settings)} settings ...', flush=True)
-    built = {s: make_step(*s) for s in settings}
+    built, counts = {}, {}
+    for s in settings:
+        built[s] = make_step(*s)
+        graphs, calls = built[s][3]
+        counts.setdefault(s[:2], (graphs, calls.flops, calls.calls))
+    for (arch, model), (graphs, flops, calls) in counts.items():
+        check = 'the same' if graphs == flops else "DIFFERENT: the table takes the step's calls"
+        print(f'{arch} {model}: forward {flops / 1e6:.3f} MFLOP/image in the {calls} layer calls '
+              f'of one step; the graphs of encoder + decoder count {graphs / 1e6:.3f} ({check})',
+              flush=True)
     seen = {s: [] for s in settings}  # (images/s, peak GFLOP/s just before)
     peaks_seen = {p: [] for p in peaks}
     for r in range(args.repeats):
         print(f'repeat {r + 1}/{args.repeats}', flush=True)
         for s in settings:
-            step, batches, flops = built[s]
-            peak = peaks[s[1]]()
-            peaks_seen[s[1]].append(peak)
-            seen[s].append((s[2] / time_steps(step, batches, args.steps), peak))
+            step, batches, flops, _ = built[s]
+            peak = peaks[s[2]]()
+            peaks_seen[s[2]].append(peak)
+            seen[s].append((s[3] / time_steps(step, batches, args.steps), peak))
     for p, values in peaks_seen.items():
         print(f'\n{p} matmul ({PEAK_SIZE}², tf.function), {len(values)} bursts: median '
               f'{statistics.median(values):.1f}, min {min(values):.1f}, max {max(values):.1f} GFLOP/s')
-    header = ('model', 'precision', 'batch', 'XLA', 'images/s (median)', 'repeats min-max',
-              'MFLOP/image', 'GFLOP/s', 'of paired matmul', 'of best matmul')
+    ratios = paired_ratios(seen, settings)
+    header = ('arch', 'model', 'precision', 'batch', 'XLA', 'images/s (median)', 'repeats min-max',
+              'MFLOP/image', 'GFLOP/s', 'of paired matmul', 'of best matmul', 'bfloat16 / float32')
     print('\n| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
     for s in settings:
-        model, precision, batch, xla = s
+        arch, model, precision, batch, xla = s
         flops = built[s][2]
         ips = [i for i, _ in seen[s]]
         paired = statistics.median(i * flops / 1e9 / peak for i, peak in seen[s])
         median = statistics.median(ips)
         gflops = median * flops / 1e9
         best = max(peaks_seen[precision])
-        print(f'| {model} | {precision} | {batch} | {"on" if xla else "off"} | '
+        ratio = f'{statistics.median(ratios[s]):.2f}x' if s in ratios else ''
+        print(f'| {arch} | {model} | {precision} | {batch} | {"on" if xla else "off"} | '
               f'{median:.0f} | {spread(ips)} | {flops / 1e6:.1f} | {gflops:.1f} | {paired:.0%} | '
-              f'{gflops / best:.0%} |', flush=True)
+              f'{gflops / best:.0%} | {ratio} |', flush=True)
+    for arch in args.archs:
+        for xla in args.xla:
+            values = [statistics.median(v) for s, v in ratios.items() if s[0] == arch and s[4] == xla]
+            if values:
+                print(f'{arch}, XLA {"on" if xla else "off"}: bfloat16 / float32 images/s of the '
+                      f'steps, median of {len(values)} settings {statistics.median(values):.2f}x '
+                      f'(min {min(values):.2f}x, max {max(values):.2f}x)')
 
 
-def run_cli(model, precision, output_dir, name):
-    """One epoch of the real training command, its progress bar drawn on a terminal (a
-    pseudo-terminal read by a thread) as a user sees it; its last metrics row."""
-    argv = [sys.executable, os.path.join(REPO, 'train.py'), '--model', model, '--dataset',
-            'fashion_mnist', '--epochs', '1', '--output_dir', output_dir, '--experiment_name', name]
+def run_cli(arch, model, precision, output_dir, name, max_steps=None):
+    """One epoch (or max_steps of it) of the real training command, its progress bar drawn on
+    a terminal (a pseudo-terminal read by a thread) as a user sees it; its last metrics row."""
+    argv = [sys.executable, os.path.join(REPO, 'train.py'), '--arch', arch, '--model', model,
+            '--dataset', 'fashion_mnist', '--epochs', '1', '--output_dir', output_dir,
+            '--experiment_name', name]
+    if max_steps:
+        argv += ['--max_steps', str(max_steps)]
     if precision:
         argv += ['--mixed_precision', precision]
     terminal, child = pty.openpty()
@@ -192,57 +294,89 @@ def _read_all(fd, chunks):
 
 
 def bench_cli(args):
-    print(f'\nthe whole command: train.py --dataset fashion_mnist --epochs 1 (937 steps of 64), '
-          f'{args.cli_repeats} x each precision, alternating', flush=True)
-    header = ('model', 'precision', 'repeat', 'images/s', 'train bits/dim',
+    steps = (f'{args.cli_max_steps} of the epoch\'s 937 steps of 64' if args.cli_max_steps
+             else '937 steps of 64')
+    print(f'\nthe whole command: train.py --arch A --dataset fashion_mnist --epochs 1 '
+          f'{"--max_steps " + str(args.cli_max_steps) + " " if args.cli_max_steps else ""}'
+          f'({steps}), {args.cli_repeats} x each precision, alternating', flush=True)
+    header = ('arch', 'model', 'precision', 'repeat', 'steps', 'images/s', 'train bits/dim',
               'test bits/dim (row)', 'test bits/dim', 'test 8-bit bits/dim', 'test MSE')
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    ratios = {m: [] for m in args.cli_models}
+    ratios = {(a, m): [] for a in args.archs for m in args.cli_models}
     with tempfile.TemporaryDirectory() as out:
-        for model in args.cli_models:
+        for arch, model in ratios:
             for r in range(args.cli_repeats):
                 ips = {}
                 for precision in args.precisions:
-                    name = f'{model}_{precision}_{r}'
-                    row = run_cli(model, precision if precision != 'float32' else None, out, name)
+                    name = f'{arch}_{model}_{precision}_{r}'
+                    row = run_cli(arch, model, precision if precision != 'float32' else None, out,
+                                  name, args.cli_max_steps)
                     ips[precision] = row['step'] * 64 / row['train_seconds']
                     test = evaluate_test(os.path.join(out, name))
-                    lines.append(f"| {model} | {precision} | {r + 1} | {ips[precision]:.0f} | "
+                    lines.append(f"| {arch} | {model} | {precision} | {r + 1} | {row['step']} | "
+                                 f"{ips[precision]:.0f} | "
                                  f"{row['train_bits_per_dim']:.3f} | {row['test_bits_per_dim']:.3f} | "
                                  f"{test['test_bits_per_dim']:.3f} | "
                                  f"{test['test_bits_per_dim_discrete']:.3f} | {test['test_mse']:.4f} |")
                     print(lines[-1], flush=True)
                 if 'float32' in ips and 'bfloat16' in ips:
-                    ratios[model].append(ips['bfloat16'] / ips['float32'])
+                    ratios[arch, model].append(ips['bfloat16'] / ips['float32'])
     print('\n' + '\n'.join(lines))
-    for model, values in ratios.items():
+    for (arch, model), values in ratios.items():
         if values:
-            print(f'{model}: bfloat16 / float32 images/s of the whole command, paired: '
+            print(f'{arch} {model}: bfloat16 / float32 images/s of the whole command, paired: '
                   f'median {statistics.median(values):.2f}x, min {min(values):.2f}x, '
                   f'max {max(values):.2f}x over {len(values)} pairs')
 
 
+def names(text, known, what, parser):
+    """A comma-separated list of names, each one of `known`."""
+    values = [v for v in text.split(',') if v]
+    for v in values:
+        if v not in known:
+            parser.error(f"unknown {what} {v!r} (known: {', '.join(known)})")
+    return values
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--archs', default=','.join(models.NETWORKS),
+                   help='networks (models.NETWORKS, at their default --width and --depth) of both '
+                        'parts, comma-separated')
     p.add_argument('--repeats', type=int, default=5, help='interleaved timings of each setting')
     p.add_argument('--steps', type=int, default=20, help='steps per timing')
-    p.add_argument('--models', default='sigma,sigma_pixel,logistic')
-    p.add_argument('--batches', default='64,256')
-    p.add_argument('--xla', default='off,on')
-    p.add_argument('--precisions', default='float32,bfloat16')
-    p.add_argument('--cli_models', default='sigma', help="models of the whole-command part ('' skips it)")
-    p.add_argument('--cli_repeats', type=int, default=3)
+    p.add_argument('--models', default='sigma,sigma_pixel,logistic',
+                   help="decoders (losses.DECODERS) of the steps part ('' skips it)")
+    p.add_argument('--batches', default='64,256', help='batch sizes of the steps part')
+    p.add_argument('--xla', default='off,on', help='XLA settings of the steps part')
+    p.add_argument('--precisions', default='float32,bfloat16', help='precisions of both parts')
+    p.add_argument('--cli_models', default='sigma',
+                   help="decoders of the whole-command part ('' skips it)")
+    p.add_argument('--cli_repeats', type=int, default=3,
+                   help='runs of the whole command per network, decoder and precision')
+    p.add_argument('--cli_max_steps', type=int,
+                   help="train.py's --max_steps: time this many steps of the epoch; None: the "
+                        "whole epoch, 937 steps (the first step's tracing, within train_seconds, "
+                        "weighs more in a short run)")
     args = p.parse_args()
-    args.models = [m for m in args.models.split(',') if m]
-    args.cli_models = [m for m in args.cli_models.split(',') if m]
-    for m in args.models + args.cli_models:
-        if m not in losses.DECODERS:
-            p.error(f'unknown model {m}')
+    args.archs = names(args.archs, list(models.NETWORKS), 'network', p)
+    if not args.archs:
+        p.error('--archs names no network')
+    args.models = names(args.models, list(losses.DECODERS), 'model', p)
+    args.cli_models = names(args.cli_models, list(losses.DECODERS), 'model', p)
+    args.precisions = names(args.precisions, ['float32', 'bfloat16'], 'precision', p)
+    if not args.precisions:
+        p.error('--precisions names no precision')
     args.batches = [int(b) for b in args.batches.split(',')]
-    args.xla = [x == 'on' for x in args.xla.split(',')]
-    args.precisions = args.precisions.split(',')
+    args.xla = [x == 'on' for x in names(args.xla, ['off', 'on'], 'XLA setting', p)]
+    for flag in ('repeats', 'steps', 'cli_repeats', 'cli_max_steps'):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f'--{flag} must be at least 1')
     print(f'TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, devices: '
-          f'{[d.device_type for d in tf.config.list_physical_devices()]}', flush=True)
+          f'{[d.device_type for d in tf.config.list_physical_devices()]}; networks: '
+          f'{", ".join(args.archs)}', flush=True)
     start = time.time()
     if args.models:
         bench_steps(args)
