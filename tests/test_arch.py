@@ -359,16 +359,17 @@ def test_the_heuristics_on_two_replicas_equal_one_device(tmp_path):
     assert all(np.abs(np.asarray(c)).max() == 0 for c in skip['change'])
 
 
-def test_fit_with_kl_warmup_and_free_bits_trains_the_weights_of_the_trainer(tmp_path):
+@pytest.mark.parametrize('arch', ['resnet', 'hierarchical'])
+def test_fit_with_kl_warmup_and_free_bits_trains_the_weights_of_the_trainer(tmp_path, arch):
     from test_fit import LR, STEPS, assert_same_weights
-    options = dict(arch='resnet', **TINY_NET, kl_warmup=2, free_bits=0.5)
+    options = dict(arch=arch, **TINY_NET, kl_warmup=2, free_bits=0.5)
     trainer = _trainer(tmp_path, 'heuristics', lr=LR, **options)
     trainer.optimizer = keras.optimizers.SGD(LR)
     trainer.optimizer.build(trainer.vae.trainable_variables)
     vae = run_folder.make_vae(trainer.config)
     vae.set_weights(trainer.vae.get_weights())
     fit = models.FitVAE(vae.encoder, vae.decoder, vae.likelihood, seed=3, kl_warmup=2,
-                        free_bits=0.5)
+                        free_bits=0.5, groups=vae.groups)
     fit.compile(keras.optimizers.SGD(LR))
     assert (fit.get_config()['kl_warmup'], fit.get_config()['free_bits']) == (2, 0.5)
     before = [np.asarray(v) for v in vae.weights]
@@ -401,3 +402,24 @@ def test_a_checkpoint_without_counters_restores_them_at_zero(tmp_path):
                                          counters=dict(skipped_updates=skipped))
     assert checkpoints.restore().endswith('ckpt-5')
     assert int(skipped.numpy()) == 0
+
+
+def test_compare_gives_the_heuristics_to_their_runs_only(tmp_path, capsys):
+    import compare
+    common = ['--output_dir', str(tmp_path), '--models', 'sigma', '--arch', 'hierarchical']
+    args = compare.parse_args(common + ['--heuristics', 'gaussian', '--kl_warmup', '10',
+                                        '--free_bits', '0.5'])
+    assert [(label, c.model, c.experiment_name, c.arch, c.kl_warmup, c.free_bits,
+             c.skip_threshold) for label, c, _ in compare.runs(args)] == [
+        ('sigma', 'sigma', 'sigma', 'hierarchical', None, None, None),
+        ('gaussian + kl_warmup, free_bits', 'gaussian', 'gaussian_heuristics', 'hierarchical',
+         10, 0.5, None)]
+    with pytest.raises(SystemExit):  # --heuristics without a heuristic
+        compare.parse_args(common + ['--heuristics', 'gaussian'])
+    assert '--heuristics needs at least one of' in capsys.readouterr().err
+    result = {'test_kl_group0': 19.44, 'test_kl_group1': 71.5, 'active_units_group0': 20,
+              'active_units_group1': 0}
+    assert compare.group_summary(result) == {'kl_per_group': '19.4 / 71.5',
+                                             'active_per_group': '20 / 0'}
+    assert compare.group_summary({'test_kl': 3.0}) == {'kl_per_group': None,
+                                                       'active_per_group': None}

@@ -367,3 +367,65 @@ def test_bad_flags_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         generate.main(argv + ['--run', 'r', '--out', 'o.png'])
     assert e.value.code == 2 and words in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---- a hierarchical run: z is every group's, the mixture the top group's ------------------
+
+@pytest.fixture(scope='module')
+def hierarchical(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp('gen_h')
+    assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', 'h',
+                '--model', 'optimal', '--arch', 'hierarchical', '--width', '4',
+                '--max_steps', '2'] + TINY) == 0
+    run_dir = str(out / 'h')
+    config, vae, state = run_folder.load_model(run_dir)
+    return run_dir, config, vae, state
+
+
+def test_every_command_on_a_hierarchical_run(hierarchical, image_folder, tmp_path):
+    run_dir, config, vae, _ = hierarchical
+    total = sum(vae.groups)
+    assert vae.groups[0] == Z_DIM and total == Z_DIM + 4 * (7 * 7 + 14 * 14) == vae.z_dim
+    # The mixture is fitted to the top group; the lower groups are the fixed z's.
+    assert gen('sample', '--run', run_dir, '--prior', 'gmm', '--components', 2, '--n', 5,
+               '--seed', 3, '--out', tmp_path / 'g.npz') == 0
+    with np.load(os.path.join(run_dir, run_folder.PRIOR_FILE)) as f:
+        gmm = {k: f[k] for k in f.files}
+    assert gmm['means'].shape == (2, Z_DIM)
+    z = tf.random.stateless_normal((5, total), seed=[3, 2]).numpy()
+    z[:, :Z_DIM] = models.sample_gmm(gmm, 5, seed=3)
+    assert_close_uint8(np.load(tmp_path / 'g.npz')['images'], reference_decode(vae, z))
+    # encode: the mean path's (mu, log_var) of all groups; reconstruct decodes its mu.
+    files = folder_files(image_folder)[:6]
+    assert gen('encode', '--run', run_dir, '--images', image_folder, '--out', tmp_path / 'e.npz') == 0
+    _, mu, log_var = vae(tf.constant(pil_images(files) / 127.5 - 1.0, tf.float32))
+    encoded = np.load(tmp_path / 'e.npz')
+    np.testing.assert_allclose(encoded['mu'][:6], mu, atol=1e-5)
+    np.testing.assert_allclose(encoded['log_var'][:6], log_var, atol=1e-5)
+    assert gen('reconstruct', '--run', run_dir, '--images', image_folder, '--plain',
+               '--out', tmp_path / 'r.npz') == 0
+    assert_close_uint8(np.load(tmp_path / 'r.npz')['reconstructions'][:6],
+                       reference_decode(vae, mu.numpy()))
+    assert gen('interpolate', '--run', run_dir, '--a', files[0], '--b', files[1], '--steps', 3,
+               '--out', tmp_path / 'i.npz') == 0
+    np.testing.assert_allclose(np.load(tmp_path / 'i.npz')['z_linear'][[0, -1]], mu[:2],
+                               atol=1e-5)
+    # traverse: the top group's dimensions by default, any of z when asked.
+    assert gen('traverse', '--run', run_dir, '--steps', 3, '--out', tmp_path / 't.npz') == 0
+    assert np.load(tmp_path / 't.npz')['z'].shape == (Z_DIM, 3, total)
+    assert gen('traverse', '--run', run_dir, '--dims', total - 1, '--steps', 3,
+               '--out', tmp_path / 't2.npz') == 0
+    assert gen('traverse', '--run', run_dir, '--dims', total, '--out', tmp_path / 't3.npz') == 2
+    # The SavedModel, in a fresh process: z of every group.
+    z = np.random.default_rng(0).normal(size=(7, total)).astype(np.float32)
+    np.savez(tmp_path / 'given.npz', images=pil_images(files), z=z)
+    assert gen('export', '--run', run_dir, '--out', tmp_path / 'saved') == 0
+    proc = subprocess.run([sys.executable, '-c', FRESH_PROCESS, str(tmp_path / 'saved'),
+                           str(tmp_path / 'given.npz'), str(tmp_path / 'out.npz')],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / 'out.npz')
+    np.testing.assert_allclose(got['mu'], mu, atol=1e-5)
+    assert_close_uint8(got['decoded'], reference_decode(vae, z))
+    assert_close_uint8(got['sampled'], reference_decode(
+        vae, tf.random.stateless_normal((5, total), seed=[7, 2]).numpy()))
