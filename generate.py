@@ -248,26 +248,46 @@ def saved_model(vae, config):
     """A keras.export.ExportArchive of the VAE with three endpoints, each also a signature:
     decode(z float32 (B, Z)) -> images uint8; encode(images uint8 (B, S, S, C)) -> mu,
     log_var float32 (B, Z); sample(n int32, seed int64) -> images uint8 of n z ~ N(0, I),
-    the z of generate.py sample --prior normal --seed seed."""
+    the z of generate.py sample --prior normal --seed seed (Z: every latent group's). z that
+    are not finite and n < 0 are refused (InvalidArgumentError); B and n may be 0."""
     z_dim, data_range = vae.z_dim, config.data_range
+    size, channels = config.image_size, config.channels
     archive = keras.export.ExportArchive()
     archive.track(vae)
 
     def decode_z(z):
+        # The decoder gives images for NaN and inf too (NaN's like 0's): silently wrong ones.
+        z = tf.debugging.check_numerics(z, 'z must be finite')
         return {'images': data.to_uint8_tensor(vae.decode(z), data_range)}
 
     def encode_images(images):
-        _, mu, log_var = vae(data.to_range(images, data_range))
-        return {'mu': mu, 'log_var': log_var}
+        def encoder():
+            _, mu, log_var = vae(data.to_range(images, data_range))
+            return {'mu': mu, 'log_var': log_var}
+        # TensorFlow's strided convolutions give an empty batch a wrong shape, and the encoder
+        # then fails: it answers an empty batch without them (the decoder takes one as it is).
+        empty = tf.zeros((0, z_dim))
+        return tf.cond(tf.shape(images)[0] > 0, encoder, lambda: {'mu': empty, 'log_var': empty})
 
     def sample_prior(n, seed):
-        z = tf.random.stateless_normal(tf.stack([n, z_dim]), seed=tf.stack([seed, 2]))
+        # Checked before the draw, whose own error for n < 0 does not say that it is n.
+        with tf.control_dependencies([tf.debugging.assert_non_negative(n, 'n must be >= 0')]):
+            z = tf.random.stateless_normal(tf.stack([n, z_dim]), seed=tf.stack([seed, 2]))
         return decode_z(z)
 
-    size, channels = config.image_size, config.channels
-    archive.add_endpoint('decode', decode_z, [tf.TensorSpec((None, z_dim), tf.float32, name='z')])
-    archive.add_endpoint('encode', encode_images, [
-        tf.TensorSpec((None, size, size, channels), tf.uint8, name='images')])
+    # Traced for their signatures but saved without an input signature: the loaded Python
+    # attributes (model.encode) then refuse an array of another dtype, where one with an input
+    # signature casts it silently (float32 0.7 to uint8 0, int32 300 to uint8 44).
+    for name, function, signature in [
+            ('decode', decode_z, tf.TensorSpec((None, z_dim), tf.float32, name='z')),
+            ('encode', encode_images,
+             tf.TensorSpec((None, size, size, channels), tf.uint8, name='images'))]:
+        endpoint = tf.function(function, autograph=False)
+        endpoint.get_concrete_function(signature)
+        archive.add_endpoint(name, endpoint)
+    # sample keeps its input signature: without one, the loading process would trace it anew
+    # for each new Python n or seed (40 ms and 1 MB each, kept). The price: a NumPy scalar of
+    # another type is still cast (n = np.float64(2.7) to 2).
     archive.add_endpoint('sample', sample_prior, [tf.TensorSpec((), tf.int32, name='n'),
                                                   tf.TensorSpec((), tf.int64, name='seed')])
     return archive

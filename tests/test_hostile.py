@@ -502,3 +502,104 @@ def test_compare_refuses_a_z_dim_beyond_memory_before_making_its_folder(image_fo
                       '--models', 'sigma', '--z_dim', '1000000000'])
     assert e.value.code == 2 and '--z_dim 1000000000 is too large' in one_error_line(capsys, 'compare.py')
     assert not os.path.exists(tmp_path / 'c')
+
+
+# ---- 15. the SavedModel loaded elsewhere: the right answer or a clear refusal ---------------------
+
+# Run in a fresh process that imports only TensorFlow and NumPy, as a user loading the folder
+# elsewhere does: each call's outputs, or the refusal it raised, go to an .npz as 'call:key'.
+SAVED_MODEL_CALLS = r'''
+import sys
+import numpy as np
+import tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+images = np.full((2, 28, 28, 1), 44, np.uint8)
+z = np.zeros((2, 4), np.float32)
+calls = {
+    'encode uint8': lambda: model.encode(images),
+    'encode signature': lambda: model.signatures['encode'](images=tf.constant(images)),
+    'encode float32': lambda: model.encode(np.full(images.shape, 0.7, np.float32)),
+    'encode int32 300': lambda: model.encode(np.full(images.shape, 300, np.int32)),
+    'decode float64': lambda: model.decode(z.astype(np.float64)),
+    'decode list': lambda: model.decode(z.tolist()),
+    'decode signature': lambda: model.signatures['decode'](z=tf.constant(z)),
+    'decode nan': lambda: model.decode(np.full(z.shape, np.nan, np.float32)),
+    'decode inf signature': lambda: model.signatures['decode'](z=tf.fill(z.shape, np.inf)),
+    'encode empty': lambda: model.encode(images[:0]),
+    'encode empty signature': lambda: model.signatures['encode'](images=tf.constant(images[:0])),
+    'decode empty': lambda: model.decode(z[:0]),
+    'sample 0': lambda: model.sample(n=0, seed=0),
+    'sample -1': lambda: model.sample(n=-1, seed=0),
+    'sample -1 signature': lambda: model.signatures['sample'](n=tf.constant(-1),
+                                                              seed=tf.constant(0, tf.int64)),
+}
+out = {}
+for name, call in calls.items():
+    try:
+        out.update({f'{name}:{key}': value.numpy() for key, value in call().items()})
+    except Exception as e:  # whatever TensorFlow raises: the test reads the message
+        out[f'{name}:error'] = np.array(f'{type(e).__name__}: {e}')
+np.savez(sys.argv[2], **out)
+'''
+
+
+@pytest.fixture(scope='module')
+def saved_model_calls(trained, tmp_path_factory):
+    """{call: {output: array} or {'error': message}} of SAVED_MODEL_CALLS on the export of
+    `trained`."""
+    import subprocess
+    import sys
+    folder = tmp_path_factory.mktemp('saved_model')
+    assert generate.main(['export', '--run', trained, '--out', str(folder / 'model')]) == 0
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # TensorFlow alone
+    proc = subprocess.run([sys.executable, '-c', SAVED_MODEL_CALLS, str(folder / 'model'),
+                           str(folder / 'calls.npz')],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = {}
+    with np.load(folder / 'calls.npz') as f:
+        for key in f.files:
+            name, output = key.split(':')
+            calls.setdefault(name, {})[output] = f[key]
+    return calls
+
+
+def refusal(calls, name):
+    assert 'error' in calls[name], f'{name} answered {calls[name]}'
+    return str(calls[name]['error'])
+
+
+def answer(calls, name):
+    assert 'error' not in calls[name], f"{name} refused: {calls[name]['error']}"
+    return calls[name]
+
+
+def test_a_saved_model_refuses_inputs_of_another_dtype_instead_of_casting_them(saved_model_calls):
+    calls = saved_model_calls
+    for name, wanted in [('encode float32', 'uint8'), ('encode int32 300', 'uint8'),
+                         ('decode float64', 'float32')]:
+        assert f'dtype=tf.{wanted}' in refusal(calls, name), name
+    # The right dtypes answer as the signatures do, and so do Python numbers.
+    for key in ('mu', 'log_var'):
+        np.testing.assert_array_equal(answer(calls, 'encode uint8')[key],
+                                      answer(calls, 'encode signature')[key])
+    np.testing.assert_array_equal(answer(calls, 'decode list')['images'],
+                                  answer(calls, 'decode signature')['images'])
+
+
+def test_a_saved_model_refuses_z_that_are_not_finite(saved_model_calls):
+    assert 'z must be finite' in refusal(saved_model_calls, 'decode nan')
+    assert 'z must be finite' in refusal(saved_model_calls, 'decode inf signature')
+
+
+def test_a_saved_model_takes_an_empty_batch_everywhere(saved_model_calls):
+    for name in ('encode empty', 'encode empty signature'):
+        encoded = answer(saved_model_calls, name)
+        assert encoded['mu'].shape == encoded['log_var'].shape == (0, 4), name
+    for name in ('decode empty', 'sample 0'):
+        assert answer(saved_model_calls, name)['images'].shape == (0, 28, 28, 1), name
+
+
+def test_a_saved_model_refuses_a_negative_n(saved_model_calls):
+    for name in ('sample -1', 'sample -1 signature'):
+        assert 'n must be >= 0' in refusal(saved_model_calls, name), name
