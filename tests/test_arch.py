@@ -39,9 +39,11 @@ def test_shapes_at_28_and_32(arch, model):
         assert np.all(np.abs(mean) <= 1.0)  # tanh on the mean only
 
 
-def test_resnet_at_64_and_its_latent_weights():
+def test_every_network_at_64_and_resnets_latent_weights():
+    for arch, network in models.NETWORKS.items():
+        encoder, decoder = network.build(64, 3, 6, 2, **TINY_NET)
+        assert models.forward(encoder, decoder, _batch(0, 1, 64, 3))[0].shape == (1, 64, 64, 6)
     encoder, decoder = models.NETWORKS['resnet'].build(64, 3, 6, 2, **TINY_NET)
-    assert decoder(encoder(_batch(0, 1, 64, 3))[0]).shape == (1, 64, 64, 6)
     # The dense heads and the decoder's first dense layer: 4 x 4 x (4 * 2^3) features at 64.
     assert models.latent_weights(64, 6, 'resnet', 4, 1) == 6 * (3 * 4 * 4 * 32 + 2)
     dense = sum(int(np.prod(w.shape)) for m in (encoder, decoder) for layer in m.layers
