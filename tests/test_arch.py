@@ -321,10 +321,12 @@ import train
 x = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype('float32')
 mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
 result = []
-for name, strategy, threshold in (('one', tf.distribute.get_strategy(), 1e9),
-                                  ('two', mirrored, 1e9), ('skip', mirrored, 1e-6)):
+for arch, name, strategy, threshold in (
+        (arch, name, strategy, threshold) for arch in ('resnet', 'hierarchical')
+        for name, strategy, threshold in (('one', tf.distribute.get_strategy(), 1e9),
+                                          ('two', mirrored, 1e9), ('skip', mirrored, 1e-6))):
     config = run_folder.Config(model='optimal', batch_size=8, z_dim=4, output_dir=sys.argv[2],
-                               experiment_name=name, channels=1, arch='resnet', width=4, depth=1,
+                               experiment_name=arch + name, channels=1, arch=arch, width=4, depth=1,
                                kl_warmup=1, free_bits=0.5, skip_threshold=threshold)
     trainer = train.Trainer(config, strategy)
     with strategy.scope():
@@ -351,14 +353,15 @@ def test_the_heuristics_on_two_replicas_equal_one_device(tmp_path):
     proc = subprocess.run([sys.executable, '-c', MIRRORED_HEURISTICS, repo, str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two, skip = json.load(open(tmp_path / 'result.json'))
-    assert two['loss'] == pytest.approx(one['loss'], rel=1e-4)
-    assert one['skipped'] == two['skipped'] == 0 and skip['skipped'] == 2
-    for a, b in zip(one['change'], two['change']):
-        a, b = np.asarray(a), np.asarray(b)
-        assert np.abs(a).max() > 0 or np.abs(b).max() == 0
-        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max() + 1e-9)
-    assert all(np.abs(np.asarray(c)).max() == 0 for c in skip['change'])
+    results = json.load(open(tmp_path / 'result.json'))
+    for one, two, skip in (results[:3], results[3:]):  # resnet, hierarchical
+        assert two['loss'] == pytest.approx(one['loss'], rel=1e-4)
+        assert one['skipped'] == two['skipped'] == 0 and skip['skipped'] == 2
+        for a, b in zip(one['change'], two['change']):
+            a, b = np.asarray(a), np.asarray(b)
+            assert np.abs(a).max() > 0 or np.abs(b).max() == 0
+            np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max() + 1e-9)
+        assert all(np.abs(np.asarray(c)).max() == 0 for c in skip['change'])
 
 
 @pytest.mark.parametrize('arch', ['resnet', 'hierarchical'])
@@ -384,6 +387,28 @@ def test_fit_with_kl_warmup_and_free_bits_trains_the_weights_of_the_trainer(tmp_
                         [np.asarray(v) for v in vae.weights])
     for k, v in trainer.train_means().items():
         assert history[k][-1] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.parametrize('precision, scaled', [('float16', True), ('bfloat16', False)])
+@pytest.mark.parametrize('arch', ['resnet', 'hierarchical'])
+def test_mixed_precision_computes_in_half_and_keeps_the_loss_terms_float32(tmp_path, arch,
+                                                                          precision, scaled):
+    keras.mixed_precision.set_dtype_policy(train.POLICIES[precision])
+    try:
+        trainer = _trainer(tmp_path, 'mp', arch=arch, **TINY_NET, mixed_precision=precision)
+        convolutions = [layer for layer in trainer.vae.encoder.layers
+                        if isinstance(layer, keras.layers.Conv2D)]
+        assert convolutions[0].compute_dtype == precision
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer) == scaled
+        x = _batch(0)
+        outputs = trainer.vae(x, tf.zeros((8, trainer.vae.z_dim)), training=True)
+        assert [t.dtype for t in outputs] == [tf.float32] * 3
+        stats = trainer.train_step(x)
+        for name, value in stats.items():
+            assert value.dtype == tf.float32 and np.isfinite(float(value)), name
+        assert all(v.dtype == 'float32' for v in trainer.vae.weights)
+    finally:
+        keras.mixed_precision.set_dtype_policy('float32')
 
 
 def test_skipped_updates_in_the_metrics_rows_across_a_resume(image_folder, tmp_path):
