@@ -17,9 +17,11 @@ tanh for data in [-1, 1] (the original) or sigmoid for [0, 1] (the PyTorch sibli
 then any others (e.g. a log scale) as they are.
 
 The networks are a registry, NETWORKS (--arch), as the decoders are in losses.py: `original`
-(the above; --width its first level's filters, 64) and `resnet` (stride-2 stages of
---depth residual blocks each, --width base channels, one latent). Adding a network is a
-class with the methods of `Network` and one line of NETWORKS.
+(the above; --width its first level's filters, 64), `resnet` (stride-2 stages of --depth
+residual blocks each, --width base channels, one latent) and `hierarchical` (latent groups
+at several resolutions with a learned conditional prior; see Hierarchical). Adding a network
+is a class with the methods of `Network` and one line of NETWORKS; `forward` runs either kind
+of encoder (docs/networks.md).
 """
 import math
 import warnings
