@@ -841,13 +841,15 @@ def prior_samples(vae, config, n, seed=None, gmm=None):
     run's by default), or the mixture `gmm` (a dict of models.fit_gmm's arrays) for the top
     latent group, the others (models.Hierarchical's) those of the fixed z."""
     seed = config.seed if seed is None else seed
-    z = prior_z(n, vae.z_dim, seed)
     if gmm is not None:
         with np.errstate(over='ignore', invalid='ignore'):
-            z[:, :vae.groups[0]] = models.sample_gmm(gmm, n, seed).astype(np.float32)
-    if not np.all(np.isfinite(z)):  # a mixture read_prior passed, yet too wide for float32
-        raise UsageError(f'the mixture prior of {config.run_dir} gives z that are not finite in '
-                         f'float32: fit it again (generate.py fit_prior)')
+            top = models.sample_gmm(gmm, n, seed).astype(np.float32)
+        if not np.all(np.isfinite(top)):  # a mixture read_prior passed, yet too wide for float32
+            raise UsageError(f'the mixture prior of {config.run_dir} gives z that are not finite '
+                             f'in float32: fit it again (generate.py fit_prior)')
+    z = prior_z(n, vae.z_dim, seed)
+    if gmm is not None:
+        z[:, :top.shape[1]] = top
     return decode_images(vae, z, config.data_range,
                          'sampling the ' + ('mixture' if gmm is not None else 'normal') + ' prior')
 
