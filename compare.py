@@ -11,27 +11,24 @@ beta (a beta-VAE), and draws rate_distortion.png (KL against test MSE) and
 fid_vs_beta.png (FID against beta, each decoder at its effective beta).
 """
 import utils  # first: from here on a Ctrl-C ends the command in one line
-utils.start()  # TensorFlow, quietly
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+from PIL import Image, ImageDraw
 
-import data  # noqa: E402
-import losses  # noqa: E402
-import run_folder  # noqa: E402
-from run_folder import PRIORS, Config  # noqa: E402
-from utils import UsageError  # noqa: E402
-# The two commands a comparison runs, in this process (so that a decoder registered at run time
-# is compared too); nothing else is taken from them.
-import evaluate  # noqa: E402
-import train  # noqa: E402
+import config as settings
+import run_folder
+from config import Config
+from utils import UsageError
+
+PRIORS = settings.registry('priors', 'PRIORS')
+
 
 COLUMNS = [  # (header, key in the evaluation, format)
     ('model', 'name', '{}'), ('-ELBO (nats)', 'test_neg_elbo', '{:.1f}'),
@@ -55,23 +52,27 @@ SWEEP_COLUMNS = [
     ('8-bit bits/dim', 'test_bits_per_dim_discrete', '{:.3f}'), ('FID N(0, I)', 'fid', '{:.2f}'),
     ('FID GMM', 'fid_gmm', '{:.2f}'), ('active units', 'active_units', '{}'),
 ]
-BETA_VAE_MODEL = 'gaussian'  # the fixed-sigma decoder a beta-VAE weights
+BETA_VAE_MODEL = 'gaussian'
+
+
+def decoders():
+    """losses.DECODERS' names, with those registered at run time (config.registry)."""
+    return list(settings.registry('losses', 'DECODERS'))  # the fixed-sigma decoder a beta-VAE weights
 
 
 # train.py's flags that a comparison shares across its runs (Config fields), and its defaults
 # where they differ from train.py's.
 SHARED_FLAGS = ('output_dir', 'dataset', 'data_dir', 'data_range', 'epochs', 'max_steps',
-                'batch_size', 'image_size', 'z_dim', 'seed', 'arch', 'width', 'depth')
+                'batch_size', 'lr', 'image_size', 'z_dim', 'seed', 'arch', 'width', 'depth')
 DEFAULTS = {'output_dir': 'output/compare'}
 # The heuristics of deep VAEs, for the runs of --heuristics only.
 HEURISTIC_FLAGS = ('kl_warmup', 'free_bits', 'skip_threshold')
 
 
 def make_parser():
-    p = utils.ArgumentParser(prog='compare.py', description=__doc__.splitlines()[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_config_flags(p, SHARED_FLAGS, DEFAULTS)
-    p.add_argument('--models', default=','.join(losses.DECODERS),
+    p = utils.ArgumentParser(prog='compare.py', description=__doc__.splitlines()[0])
+    settings.add_flags(p, Config, SHARED_FLAGS, DEFAULTS)
+    p.add_argument('--models', default=','.join(decoders()),
                    help='comma-separated models to train (default: every decoder of losses.py)')
     p.add_argument('--beta_vae', type=utils.positive(float), default=None,
                    help='also train the gaussian model with this KL weight (a beta-VAE)')
@@ -81,8 +82,8 @@ def make_parser():
     p.add_argument('--heuristics', default='',
                    help='comma-separated models also trained with --kl_warmup, --free_bits and '
                         '--skip_threshold (which no other run uses), as <model>_heuristics')
-    train.add_config_flags(p, HEURISTIC_FLAGS)
-    evaluate.add_evaluation_flags(p, components=run_folder.GMM_COMPONENTS)
+    settings.add_flags(p, Config, HEURISTIC_FLAGS)
+    settings.add_flags(p, settings.Evaluation)
     return p
 
 
@@ -90,12 +91,12 @@ def parse_args(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(',') if m]
-    unknown = [m for m in args.models if m not in losses.DECODERS]
+    unknown = [m for m in args.models if m not in decoders()]
     if unknown or not args.models:
-        parser.error(f'--models must list models of {list(losses.DECODERS)}, got {args.models}')
+        parser.error(f'--models must list models of {list(decoders())}, got {args.models}')
     args.heuristics = [m for m in args.heuristics.split(',') if m]
-    if any(m not in losses.DECODERS for m in args.heuristics):
-        parser.error(f'--heuristics must list models of {list(losses.DECODERS)}, '
+    if any(m not in decoders() for m in args.heuristics):
+        parser.error(f'--heuristics must list models of {list(decoders())}, '
                      f'got {args.heuristics}')
     if args.heuristics and all(getattr(args, k) is None for k in HEURISTIC_FLAGS):
         parser.error('--heuristics needs at least one of --kl_warmup, --free_bits, '
@@ -110,9 +111,9 @@ def parse_args(argv=None):
     for _, config, _ in runs(args):  # the checks of train.py, before anything is written
         try:
             config.check()
-            train.check_memory(config)
         except UsageError as e:
             parser.error(str(e))
+    args.evaluation = settings.from_flags(settings.Evaluation, args)
     return args
 
 
@@ -193,14 +194,24 @@ def bits_per_dim_plot(path, curves, title):
 
 
 def compare(args):
+    # The work: TensorFlow is imported by now (utils.run_command).
+    import checkpoints
+    import data
+    import evaluation
+    import features
+    import models
+    import trainer
     # The data, and whether they give the FID's features, before anything is written.
-    evaluate.check_features(data.load(args.dataset, args.data_dir, args.image_size, args.seed),
-                            args.features)
+    for network in args.features.split(','):
+        features.check_features(data.load(args.dataset, args.data_dir, args.image_size, args.seed),
+                                network)
+    plan = runs(args)
+    for _, config, _ in plan:  # train.py's check, before anything is written
+        models.check_memory(config, copies=6)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise UsageError(f'cannot write to {args.output_dir}: {e.strerror}') from None
-    plan = runs(args)
     results, start, worked = [], time.time(), 0  # worked: runs evaluated here (not kept)
     for i, (label, config, sweep_beta) in enumerate(plan):
         done = time.time() - start
@@ -210,23 +221,22 @@ def compare(args):
         print(f'[{i + 1}/{len(plan)}] {label}: training {budget} '
               f'({done / 60:.1f} min elapsed{left})', flush=True)
         try:
-            train.train(config)
+            trainer.train(config)
             diverged = 'no'
-        except run_folder.Diverged as e:  # a result of the comparison: its last good checkpoint
+        except checkpoints.Diverged as e:  # a result of the comparison: its last good checkpoint
             print(f'[{i + 1}/{len(plan)}] {label}: {e}', flush=True)
-            diverged = str(e).split(':')[0].replace('training diverged at ', '')
-        result = previous_evaluation(config.run_dir, args)
+            diverged = f'step {e.step}'
+        result = previous_evaluation(config.run_dir, args, evaluation, checkpoints)
         worked += result is None
         if result is None:
             print(f'[{i + 1}/{len(plan)}] {label}: evaluating', flush=True)
-            result = evaluate.evaluate_run(config.run_dir, args.iw_samples, args.iw_images,
-                                           args.fid_samples, args.features,
-                                           components=args.components)
+            result = evaluation.evaluate_run(config.run_dir, args.evaluation)
         else:
             print(f'[{i + 1}/{len(plan)}] {label}: evaluation.json is of the last checkpoint '
                   f'(step {result["step"]}) with these settings: kept', flush=True)
-        result['fid'] = result.get(f'fid_{args.features}')
-        result['fid_gmm'] = result.get(f'fid_{args.features}_gmm')
+        first = args.features.split(',')[0]  # the tables' FID columns: the first network's
+        result['fid'] = result.get(f'fid_{first}')
+        result['fid_gmm'] = result.get(f'fid_{first}_gmm')
         result.update(group_summary(result), diverged=diverged,
                       skipped_updates=run_folder.read_metrics(config.run_dir)[-1]
                       .get('skipped_updates', 0))
@@ -248,7 +258,7 @@ def group_summary(result):
             'active_per_group': ' / '.join(str(result[f'active_units_group{l}']) for l in groups)}
 
 
-def previous_evaluation(run_dir, args):
+def previous_evaluation(run_dir, args, evaluation, checkpoints):
     """The run's evaluation.json if it evaluated the newest checkpoint with the settings asked
     for now (so that a comparison resumed after an interruption does not evaluate again), else
     None."""
@@ -257,10 +267,9 @@ def previous_evaluation(run_dir, args):
             result = json.load(f)
     except (OSError, ValueError):
         return None
-    complete = run_folder.CheckpointFolder(run_folder.checkpoint_dir(run_dir)).complete
-    settings = evaluate.evaluation_settings(args.iw_samples, args.iw_images, args.fid_samples,
-                                            args.features, PRIORS, args.components)
-    if not isinstance(result, dict) or result.get('settings') != settings or \
+    complete = checkpoints.CheckpointFolder(checkpoints.checkpoint_dir(run_dir)).complete
+    if not isinstance(result, dict) or \
+            result.get('settings') != evaluation.settings_record(args.evaluation, PRIORS) or \
             result.get('step') != (complete[-1] if complete else None):
         return None
     return result
@@ -270,13 +279,14 @@ def write_outputs(args, results):
     out = args.output_dir
     utils.write_text(os.path.join(out, 'results.json'), json.dumps(results, indent=2) + '\n')
     title = f'{args.dataset}, data range [{args.data_range}]'
+    components = ', '.join(sorted({str(r['gmm_components']) for r in results if 'gmm_components' in r})) or '–'
     iw_images = (f'the first {args.iw_images} test images (the other columns: all of them)'
                  if args.iw_images else 'all test images')
     details = (f'{title}; FID features: {args.features}, N = {args.fid_samples}, samples of the '
-               f'N(0, I) prior and of a {args.components}-component Gaussian mixture fitted to '
+               f'N(0, I) prior and of a {components}-component Gaussian mixture fitted to '
                f'the encoder means of the training split (GMM); IW-NLL with K = {args.iw_samples} on '
                f'{iw_images}')
-    real = f'fid_{args.features}_train_images'
+    real = f"fid_{args.features.split(',')[0]}_train_images"
     reference = next((r for r in results if real in r), None)
     if reference is not None:
         details += (f"; real images for reference: {reference['fid_samples']} training images "
@@ -295,13 +305,13 @@ def write_outputs(args, results):
     figure_rows, curves = [], []
     for r in results:
         run_dir = r['run']
-        grid = os.path.join(run_dir, run_folder.IMAGES, evaluate.EVALUATED + '{}_' + f"{r['step']:08d}.png")
+        grid = os.path.join(run_dir, run_folder.IMAGES, run_folder.EVALUATED + '{}_' + f"{r['step']:08d}.png")
         figure_rows.append((r['name'], [grid.format(PRIORS[p]) for p in PRIORS]))
         rows = [row for row in run_folder.read_metrics(run_dir) if 'test_bits_per_dim' in row]
         curves.append((r['name'], [row['step'] for row in rows],
                        [row['test_bits_per_dim'] for row in rows]))
     samples_figure(os.path.join(out, 'samples.png'), figure_rows,
-                   ['prior N(0, I)', f'mixture prior ({args.components} components)'])
+                   ['prior N(0, I)', f'mixture prior ({components} components)'])
     bits_per_dim_plot(os.path.join(out, 'bits_per_dim.png'), curves, title)
     if swept:
         sweep_figures(out, results, title)

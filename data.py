@@ -10,7 +10,6 @@ import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
-import math
 import os
 import socket
 import stat
@@ -442,6 +441,21 @@ def load_folder(folder, image_size, seed=0, check_files=False):
                   len(names) if has_labels else 0, fingerprint)
 
 
+def load_run_data(config, fingerprint=None, channels=None):
+    """`load` of a run's data set (config: its dataset, data_dir, image_size, seed). An image
+    folder is streamed (load_folder); when a run made before streaming recorded another
+    fingerprint or channel count for it (a folder with files that do not decode, or with a few
+    RGB files among grayscale ones), the folder is read as it was then (check_files=True: every
+    file decoded once up front), so that such runs resume and load with the same split."""
+    splits = load(config.dataset, config.data_dir, config.image_size, config.seed)
+    if fingerprint and splits.fingerprint is not None and (
+            fingerprint != splits.fingerprint or (channels or splits.channels) != splits.channels):
+        older = load_folder(config.dataset, config.image_size, config.seed, check_files=True)
+        if older.fingerprint == fingerprint and (channels or older.channels) == older.channels:
+            return older
+    return splits
+
+
 # ---- the pipeline -----------------------------------------------------------
 
 def to_range(images, data_range='-1,1'):
@@ -462,12 +476,6 @@ def to_uint8_tensor(images, data_range='-1,1'):
     low, high = DATA_RANGES[data_range]
     pixels = (tf.cast(images, tf.float64) - low) * (255.0 / (high - low))
     return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
-
-
-def log_scale(data_range='-1,1'):
-    """ln of the factor from the data range to 0-255: ln 127.5 for [-1, 1], ln 255 for [0, 1]."""
-    low, high = DATA_RANGES[data_range]
-    return math.log(255.0 / (high - low))
 
 
 def _num_images(images):
@@ -535,3 +543,13 @@ def make_pipeline(images, image_size, batch_size, shuffle_seed=None, drop_remain
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.with_options(options)
+
+
+def as_uint8(images, image_size, n=None):
+    """The first n (None: all) images of an unbatched uint8 dataset at the run's size (through
+    make_pipeline's resize), as one uint8 array (N, S, S, C)."""
+    if n is not None:
+        images = images.take(n)
+    # On [0, 1] the round trip of uint8 values through float32 is exact.
+    batches = make_pipeline(images, image_size, 1000, drop_remainder=False, data_range='0,1')
+    return np.concatenate([to_uint8(b, '0,1') for b in batches])

@@ -10,346 +10,14 @@
 
 Images are written as --out FILE.png (a grid), FILE.npz (uint8 arrays) or a folder (one
 PNG each). Everything is computed in batches from the run's newest checkpoint and is the
-same for the same --seed.
+same for the same --seed. The work is generation.py's.
 """
 import utils  # first: from here on a Ctrl-C ends the command in one line
-utils.start()  # TensorFlow, quietly
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import sys
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
-
-import data  # noqa: E402
-import run_folder  # noqa: E402
-from utils import UsageError  # noqa: E402
-
-IMAGE_OUTPUTS = ('.png', '.npz', 'folder')
-GRID_COLUMNS = 10  # images per row of a .png grid (5 input-reconstruction pairs)
-MAX_RANGE = 1e6  # traverse --range: |z| of N(0, I) is a few units; far beyond, float32 overflows
-
-
-# ---- where the images come from and where they go -------------------------------
-
-def read_images(args, config, state, n=None):
-    """uint8 (N, S, S, C) images at the run's size and channels, and their names: those of
-    --test_images (indices of the run's test split), or of --images: the files of a folder (or
-    one file), or the run's test split for 'test'; the first n."""
-    if args.test_images is not None:
-        return test_images(args.test_images, config, state)
-    if args.images != 'test':
-        images, names = data.read_images(args.images, config.image_size, config.channels)
-        return images[:n], names[:n]
-    count = min(n, state.splits.num_test) if n else state.splits.num_test
-    return test_images(range(count), config, state)
-
-
-def check_image_flags(args, count=None):
-    """UsageError, before the run is loaded, unless the images to read are given: --test_images
-    (`count` of them, if given) or --images (--a and --b for interpolate)."""
-    if args.test_images is not None:
-        if count and len(args.test_images) != count:
-            raise UsageError(f'--test_images must give {count} indices, got {len(args.test_images)}')
-    elif count == 2 and (args.a is None or args.b is None):
-        raise UsageError('give two images: --a FILE --b FILE, or --test_images I,J')
-    elif count is None and args.images is None:
-        raise UsageError('give --images (a folder, a file or test) or --test_images (indices)')
-
-
-def test_images(indices, config, state):
-    """The test split's images at these indices (uint8, through the run's resize) and their
-    names test:<index>."""
-    indices = list(indices)
-    bad = [i for i in indices if not 0 <= i < state.splits.num_test]
-    if bad:
-        raise UsageError(f'--test_images must be between 0 and {state.splits.num_test - 1} (the '
-                         f'test split has {state.splits.num_test} images), got {bad[0]}')
-    # Through the run's resize; on [0, 1] the round trip to uint8 is exact.
-    images = np.concatenate([data.to_uint8(b, '0,1') for b in data.make_pipeline(
-        state.splits.test.take(max(indices) + 1), config.image_size, run_folder.BATCH,
-        drop_remainder=False, data_range='0,1')])
-    return images[indices], [f'test:{i}' for i in indices]
-
-
-def read_image(path, config, flag):
-    """One image file -> uint8 (S, S, C) at the run's size and channels."""
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} must be an image file, '{path}' is a folder")
-    return data.read_images(path, config.image_size, config.channels)[0][0]
-
-
-def output_kind(path, allowed=IMAGE_OUTPUTS):
-    """'.png', '.npz' or 'folder' (no extension, or an existing folder) for --out, checked to
-    be writable before anything is computed; UsageError otherwise."""
-    ext = os.path.splitext(os.path.normpath(path))[1].lower()
-    kind = 'folder' if os.path.isdir(path) or not ext else ext
-    if kind not in allowed:
-        names = {'.png': 'a .png file', '.npz': 'an .npz file', 'folder': 'a folder'}
-        raise UsageError(f"--out must be {' or '.join(names[k] for k in allowed)}, got '{path}'")
-    if kind != 'folder' and os.path.isdir(path):
-        raise UsageError(f"--out '{path}' is a folder, not a {kind} file")
-    if kind == 'folder' and os.path.isfile(os.path.join(path, run_folder.CONFIG_FILE)):
-        raise UsageError(f"--out '{path}' is a run folder: its PNGs would lie among the run's "
-                         f"files; give a folder of their own, e.g. {os.path.join(path, 'samples')}")
-    existing = os.path.abspath(path if kind == 'folder' else os.path.dirname(os.path.abspath(path)))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write --out '{path}': '{existing}' is not a writable folder")
-    return kind
-
-
-def write_output(path, kind, tiles, columns, **arrays):
-    """tiles (N, h, w, C) uint8 as a grid of `columns` (.png) or one PNG each (folder);
-    `arrays` as an .npz."""
-    try:
-        if kind == '.npz':
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            utils.save_npz(path, **arrays)
-        elif kind == '.png':
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            columns = min(columns, len(tiles))
-            utils.save_png(path, utils.image_grid(tiles, -(-len(tiles) // columns), columns))
-        else:
-            utils.save_pngs(path, tiles)
-    except OSError as e:
-        raise UsageError(f"cannot write --out '{path}': {e.strerror}") from None
-    print(f'wrote {path}')
-
-
-def check_count(run, count, flag, config=None):
-    """UsageError, before the run is loaded, if `count` images at the run's size (and their z)
-    would take more than half of this machine's memory: they are held whole until written,
-    and such a request would end in an out-of-memory traceback or kill after minutes."""
-    config = config or run_folder.read_config(run)
-    size = config.image_size ** 2 * config.channels
-    z_dim = sum(run_folder.latent_groups(config))
-    needed = count * (2 * size + 3 * 8 * z_dim)  # uint8 images and a grid; float64 z
-    memory = run_folder.physical_memory()
-    if memory and needed > memory / 2:
-        raise UsageError(f'{flag} asks for {count:,} images of {config.image_size}x'
-                         f'{config.image_size}x{config.channels}: about {needed / 2 ** 30:,.0f} GiB '
-                         f'in memory, more than half of the {memory / 2 ** 30:,.0f} GiB here; ask '
-                         f'for fewer')
-
-
-def decode(vae, z, config):
-    return run_folder.decode_images(vae, z, config.data_range)
-
-
-def encode(vae, images, config):
-    return run_folder.encode_images(vae, images, len(images), config)
-
-
-# ---- the sub-commands -----------------------------------------------------------
-
-def sample(args):
-    check_count(args.run, args.n, f'--n {args.n}')
-    config, vae, state = run_folder.load_model(args.run)
-    kind = output_kind(args.out)
-    gmm = (run_folder.load_prior(args.run, config, vae, state, args.components)
-           if args.prior == 'gmm' else None)
-    images = run_folder.prior_samples(vae, config, args.n, args.seed, gmm)
-    write_output(args.out, kind, images, GRID_COLUMNS, images=images, prior=np.array(args.prior))
-
-
-def reconstruct(args):
-    check_image_flags(args)
-    config, vae, state = run_folder.load_model(args.run)
-    inputs, names = read_images(args, config, state, args.n)
-    kind = output_kind(args.out)
-    reconstructions = decode(vae, encode(vae, inputs, config)[0], config)
-    if args.plain:
-        tiles, columns = reconstructions, GRID_COLUMNS
-    else:  # each input left of its own reconstruction
-        tiles, columns = np.concatenate([inputs, reconstructions], axis=2), GRID_COLUMNS // 2
-    write_output(args.out, kind, tiles, columns, inputs=inputs,
-                 reconstructions=reconstructions, names=np.array(names))
-
-
-def slerp(a, b, t):
-    """Spherical interpolation (Shoemake 1985; White 2016 for latent codes) between vectors a
-    and b at fractions t (K,) -> (K, Z); linear where a and b are (anti)parallel."""
-    cos = np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12)
-    omega = np.arccos(np.clip(cos, -1.0, 1.0))
-    if np.sin(omega) < 1e-6:
-        return (1 - t)[:, None] * a + t[:, None] * b
-    return (np.sin((1 - t) * omega)[:, None] * a + np.sin(t * omega)[:, None] * b) / np.sin(omega)
-
-
-def interpolate(args):
-    check_image_flags(args, 2)
-    check_count(args.run, 2 * (args.steps + 2), f'--steps {args.steps}')
-    config, vae, state = run_folder.load_model(args.run)
-    if args.test_images is not None:
-        images = test_images(args.test_images, config, state)[0]
-    else:
-        images = np.stack([read_image(args.a, config, '--a'), read_image(args.b, config, '--b')])
-    kind = output_kind(args.out)
-    a, b = encode(vae, images, config)[0].astype(np.float64)
-    t = np.linspace(0.0, 1.0, args.steps)
-    paths = {'linear': (1 - t)[:, None] * a + t[:, None] * b, 'spherical': slerp(a, b, t)}
-    decoded = {k: decode(vae, z, config) for k, z in paths.items()}
-    # Each strip: image a, the K decoded steps from a's encoding to b's, image b.
-    strips = [np.concatenate([images[:1], decoded[k], images[1:]]) for k in paths]
-    write_output(args.out, kind, np.concatenate(strips), args.steps + 2, t=t, inputs=images,
-                 **decoded, **{'z_' + k: z for k, z in paths.items()})
-
-
-def traverse(args):
-    config = run_folder.read_config(args.run)
-    groups = run_folder.latent_groups(config)
-    z_dim = sum(groups)
-    dims = list(range(groups[0])) if args.dims is None else args.dims
-    bad = [d for d in dims if not 0 <= d < z_dim]
-    if bad:
-        raise UsageError(f'--dims must be between 0 and {z_dim - 1} (z has {z_dim} numbers), '
-                         f'got {bad[0]}')
-    if args.range > MAX_RANGE:
-        raise UsageError(f'--range must be at most {MAX_RANGE:g} (z of the prior lies within a '
-                         f'few units of 0; far beyond, float32 overflows), got {args.range:g}')
-    check_count(args.run, len(dims) * args.steps, f'--steps {args.steps}', config)
-    config, vae, _ = run_folder.load_model(args.run)
-    image = read_image(args.image, config, '--image') if args.image else None
-    kind = output_kind(args.out)
-    if image is None:
-        z0 = run_folder.prior_z(1, z_dim, args.seed)[0]
-    else:
-        z0 = encode(vae, image[None], config)[0][0]
-    values = np.linspace(-args.range, args.range, args.steps)
-    z = np.tile(z0, (len(dims), args.steps, 1))
-    for row, d in enumerate(dims):
-        z[row, :, d] = values
-    images = decode(vae, z.reshape(-1, z_dim), config)
-    write_output(args.out, kind, images, args.steps, images=images.reshape(z.shape[:2] + images.shape[1:]),
-                 dims=np.array(dims), values=values, z=z)
-
-
-def encode_command(args):
-    check_image_flags(args)
-    config, vae, state = run_folder.load_model(args.run)
-    images, names = read_images(args, config, state, args.n)
-    output_kind(args.out, ('.npz',))
-    mu, log_var = encode(vae, images, config)
-    write_output(args.out, '.npz', None, 0, mu=mu, log_var=log_var, names=np.array(names))
-
-
-def fit_prior(args):
-    config, vae, state = run_folder.load_model(args.run)
-    run_folder.fit_prior(args.run, config, vae, state, args.components)
-
-
-def saved_model(vae, config):
-    """A keras.export.ExportArchive of the VAE with three endpoints, each also a signature:
-    decode(z float32 (B, Z)) -> images uint8; encode(images uint8 (B, S, S, C)) -> mu,
-    log_var float32 (B, Z); sample(n int32, seed int64) -> images uint8 of n z ~ N(0, I),
-    the z of generate.py sample --prior normal --seed seed (Z: every latent group's). z that
-    are not finite and n < 0 are refused (InvalidArgumentError); B and n may be 0."""
-    z_dim, data_range = vae.z_dim, config.data_range
-    size, channels = config.image_size, config.channels
-    archive = keras.export.ExportArchive()
-    archive.track(vae)
-
-    def decode_z(z):
-        # The decoder gives images for NaN and inf too (NaN's like 0's): silently wrong ones.
-        z = tf.debugging.check_numerics(z, 'z must be finite')
-        return {'images': data.to_uint8_tensor(vae.decode(z), data_range)}
-
-    def encode_images(images):
-        def encoder():
-            _, mu, log_var = vae(data.to_range(images, data_range))
-            return {'mu': mu, 'log_var': log_var}
-        # TensorFlow's strided convolutions give an empty batch a wrong shape, and the encoder
-        # then fails: it answers an empty batch without them (the decoder takes one as it is).
-        empty = tf.zeros((0, z_dim))
-        return tf.cond(tf.shape(images)[0] > 0, encoder, lambda: {'mu': empty, 'log_var': empty})
-
-    def sample_prior(n, seed):
-        # Checked before the draw, whose own error for n < 0 does not say that it is n.
-        with tf.control_dependencies([tf.debugging.assert_non_negative(n, 'n must be >= 0')]):
-            z = tf.random.stateless_normal(tf.stack([n, z_dim]), seed=tf.stack([seed, 2]))
-        return decode_z(z)
-
-    # Traced for their signatures but saved without an input signature: the loaded Python
-    # attributes (model.encode) then refuse an array of another dtype, where one with an input
-    # signature casts it silently (float32 0.7 to uint8 0, int32 300 to uint8 44).
-    for name, function, signature in [
-            ('decode', decode_z, tf.TensorSpec((None, z_dim), tf.float32, name='z')),
-            ('encode', encode_images,
-             tf.TensorSpec((None, size, size, channels), tf.uint8, name='images'))]:
-        endpoint = tf.function(function, autograph=False)
-        endpoint.get_concrete_function(signature)
-        archive.add_endpoint(name, endpoint)
-    # sample keeps its input signature: without one, the loading process would trace it anew
-    # for each new Python n or seed (40 ms and 1 MB each, kept). The price: a NumPy scalar of
-    # another type is still cast (n = np.float64(2.7) to 2).
-    archive.add_endpoint('sample', sample_prior, [tf.TensorSpec((), tf.int32, name='n'),
-                                                  tf.TensorSpec((), tf.int64, name='seed')])
-    return archive
-
-
-# What a SavedModel export writes into its folder: an --out that holds only these is an earlier
-# export, which a new one replaces whole.
-SAVED_MODEL_FILES = ('saved_model.pb', 'saved_model.pbtxt', 'fingerprint.pb', 'keras_metadata.pb')
-SAVED_MODEL_FOLDERS = {'variables': re.compile(r'variables\.(index|data-\d{5}-of-\d{5})'),
-                       'assets': None}  # assets/: empty, this VAE has none
-
-
-def not_exported(folder):
-    """The entries of `folder` (relative paths) that an export does not write: the files that
-    replacing the folder would delete although they are not a SavedModel's."""
-    foreign = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.islink(path):
-            foreign.append(name)
-        elif name in SAVED_MODEL_FOLDERS and os.path.isdir(path):
-            pattern = SAVED_MODEL_FOLDERS[name]
-            foreign += [f'{name}/{inner}' for inner in sorted(os.listdir(path))
-                        if pattern is None or not pattern.fullmatch(inner)
-                        or not os.path.isfile(os.path.join(path, inner))
-                        or os.path.islink(os.path.join(path, inner))]
-        elif name not in SAVED_MODEL_FILES or not os.path.isfile(path):
-            foreign.append(name + ('/' if os.path.isdir(path) else ''))
-    return foreign
-
-
-def export(args):
-    out = os.path.normpath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out '{args.out}' is a file, not a folder")
-    foreign = not_exported(out) if os.path.isdir(out) else []
-    if foreign:
-        listed = ', '.join(foreign[:3]) + (f' and {len(foreign) - 3} more' if len(foreign) > 3 else '')
-        raise UsageError(f"--out '{args.out}' holds files that an export does not write "
-                         f"({listed}), which replacing it would delete: give a new folder, or "
-                         f"move them away")
-    output_kind(out, ('folder',))
-    config, vae, _ = run_folder.load_model(args.run)
-    # Written beside --out and renamed into place: a reader never sees half a SavedModel.
-    parent, name = os.path.split(os.path.abspath(out))
-    tmp, old = (os.path.join(parent, f'.tmp-{name}-{kind}-{os.getpid()}') for kind in ('new', 'old'))
-    try:
-        saved_model(vae, config).write_out(tmp, verbose=False)
-        utils.give_umask_permissions(tmp)  # TensorFlow writes 755 folders whatever the umask
-        if os.path.isdir(out):
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except (OSError, tf.errors.OpError) as e:
-        reason = e.strerror if isinstance(e, OSError) else e.message
-        raise UsageError(f"cannot write --out '{args.out}': {reason}") from None
-    finally:
-        for folder in (tmp, old):
-            shutil.rmtree(folder, ignore_errors=True)
-    print(f'wrote {out} (signatures decode, encode, sample)')
-
-
-# ---- the command line ------------------------------------------------------------
+import config as settings
 
 POSITIVE = utils.positive()
 AT_LEAST_TWO = utils.positive(minimum=2)
@@ -366,30 +34,21 @@ def int_list(text):
     return values
 
 
-def seed(text):
-    """A seed of prior samples: an integer from 0 to run_folder.MAX_SEED, as train.py's --seed
-    (TensorFlow's stateless ops take larger ones modulo 2**64, silently)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 <= value <= run_folder.MAX_SEED:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer from 0 to {run_folder.MAX_SEED}, got '{text}'")
-    return value
+# A seed of prior samples, as train.py's --seed (TensorFlow's stateless ops would take larger
+# ones modulo 2**64, silently).
+seed = utils.number(int, 0, settings.MAX_SEED)
 
 
 def make_parser():
     parser = utils.ArgumentParser(prog='generate.py', description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split('\n\n')[-1])
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog=__doc__.split('\n\n')[-1])
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
-    def command(name, function, description):
+    def command(name, description):
         c = commands.add_parser(name, help=description, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter)
         c.add_argument('--run', required=True, help='the run folder, e.g. output/sigma')
-        c.set_defaults(function=function)
         return c
 
     def out(c, what='FILE.png (a grid), FILE.npz or a folder (one PNG per image)'):
@@ -402,26 +61,23 @@ def make_parser():
                        help="instead of --images: images of the run's test split, by index")
 
     seed_help = 'seed of the prior samples; the same seed gives the same images'
-    components_help = ('components of the mixture prior; refit if the stored one has another '
-                       f'number (None: the stored one, or {run_folder.GMM_COMPONENTS} for a new fit)')
-
-    c = command('sample', sample, 'N images from the prior')
+    c = command('sample', 'N images from the prior')
     c.add_argument('--n', type=POSITIVE, default=100, help='number of images')
     out(c, "FILE.png (a grid), FILE.npz (uint8 N x H x W x C, key 'images') or a folder")
-    c.add_argument('--prior', choices=list(run_folder.PRIORS), default='normal',
+    c.add_argument('--prior', choices=list(settings.registry('priors', 'PRIORS')), default='normal',
                    help='normal: N(0, I); gmm: the Gaussian mixture fitted to the encoder means of '
                         'the training split (prior_gmm.npz, fitted first if missing or stale)')
-    c.add_argument('--components', type=POSITIVE, default=None, help=components_help)
+    settings.add_flags(c, settings.Evaluation, ['components'])
     c.add_argument('--seed', type=seed, default=0, help=seed_help)
 
-    c = command('reconstruct', reconstruct, 'images beside their reconstructions (z = mu)')
+    c = command('reconstruct', 'images beside their reconstructions (z = mu)')
     images(c)
     c.add_argument('--n', type=POSITIVE, default=50, help='at most this many images')
     c.add_argument('--plain', action='store_true',
                    help='the reconstructions alone, not each beside its input')
     out(c)
 
-    c = command('interpolate', interpolate,
+    c = command('interpolate',
                 'linear and spherical interpolation between the encodings (mu) of two images')
     c.add_argument('--a', help='the first image file')
     c.add_argument('--b', help='the second image file')
@@ -431,7 +87,7 @@ def make_parser():
                    help='K decoded points from a to b, both ends included')
     out(c, 'FILE.png: two strips (linear, spherical), each a, K steps, b; or FILE.npz or a folder')
 
-    c = command('traverse', traverse, 'one latent dimension at a time around a seed z')
+    c = command('traverse', 'one latent dimension at a time around a seed z')
     c.add_argument('--dims', type=int_list, default=None,
                    help='comma-separated latent dimensions, one row each (default: those of the '
                         'top group, all of z but for --arch hierarchical)')
@@ -439,27 +95,32 @@ def make_parser():
                    help='each dimension takes --steps values from -range to +range')
     c.add_argument('--steps', type=AT_LEAST_TWO, default=9, help='values per dimension')
     c.add_argument('--image', default=None,
-                   help="the seed z is this image's encoding (mu) (None: z ~ N(0, I) by --seed)")
+                   help="the seed z is this image's encoding (mu) (default: z ~ N(0, I) by --seed)")
     c.add_argument('--seed', type=seed, default=0, help=seed_help)
     out(c)
 
-    c = command('encode', encode_command, 'mu and log sigma^2 of the encoder for each image')
+    c = command('encode', 'mu and log sigma^2 of the encoder for each image')
     images(c)
-    c.add_argument('--n', type=POSITIVE, default=None, help='at most this many images (None: all)')
+    c.add_argument('--n', type=POSITIVE, default=None, help='at most this many images (default: all)')
     out(c, "FILE.npz: mu and log_var (N x Z, float32) and the images' names")
 
-    c = command('fit_prior', fit_prior, 'fit the Gaussian mixture prior to the encoder means of the '
-                                        'training split (saved as <run>/prior_gmm.npz)')
-    c.add_argument('--components', type=POSITIVE, default=run_folder.GMM_COMPONENTS,
+    c = command('fit_prior', 'fit the Gaussian mixture prior to the encoder means of the '
+                             'training split (saved as <run>/prior_gmm.npz)')
+    c.add_argument('--components', type=POSITIVE, default=settings.GMM_COMPONENTS,
                    help='mixture components (full covariances)')
 
-    c = command('export', export, 'a TensorFlow SavedModel with the signatures decode, encode, sample')
+    c = command('export', 'a TensorFlow SavedModel with the signatures decode, encode, sample')
     c.add_argument('--out', required=True, help='the SavedModel folder, e.g. output/sigma/saved_model')
     return parser
 
 
+def run(args):
+    import generation  # the work: TensorFlow is imported by now (utils.run_command)
+    getattr(generation, args.command)(args)
+
+
 def main(argv=None):
-    return utils.run_command('generate.py', make_parser().parse_args, lambda args: args.function(args), argv)
+    return utils.run_command('generate.py', make_parser().parse_args, run, argv)
 
 
 if __name__ == '__main__':

@@ -271,7 +271,6 @@ def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce
       bits_per_dim_discrete, the bits/dim of the 8-bit values.
     """
     num_values = math.prod(x.shape[1:])  # D, values per image (static)
-    log_scale = math.log(255.0 / (likelihood.high - likelihood.low))
     if training:
         objective, rec, log_sigma = likelihood.train_terms(x, params, global_mean)
         kl = kl_loss = kl_divergence(mu, log_var)
@@ -287,7 +286,7 @@ def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce
         kl_image = tf.reduce_sum(kl_divergence(mu, log_var), -1)
         loss = tf.reduce_sum(rec) + beta * tf.reduce_sum(kl_image)
     metrics = summarize(global_mean(rec), global_mean(kl_image), global_mean(log_sigma), beta,
-                        num_values, log_scale)
+                        num_values, likelihood.log_data_scale)
     if not training:
         metrics['bits_per_dim_discrete'] = bits_per_dim(global_mean(discrete) + metrics['kl'],
                                                         num_values, 0.0)
@@ -331,6 +330,8 @@ class Likelihood(keras.layers.Layer):
         super().__init__(dtype='float32', **kwargs)
         self.low, self.high = (float(v) for v in data_range)
         self.bin_width = (self.high - self.low) / 255.0  # one 8-bit level on the data scale
+        # ln of the factor from the data scale to 0-255, for bits/dim (see bits_per_dim)
+        self.log_data_scale = math.log(255.0 / (self.high - self.low))
         self.log_sigma_min = log_sigma_min
 
     def get_config(self):  # for Keras' saving of a whole model (.keras)

@@ -1,353 +1,18 @@
-"""Keras encoder and decoder of the original sigma-VAE code, and deeper variants.
-
-For 28x28 images (MNIST, Fashion-MNIST, the original's resized SVHN):
-
-  encoder: conv 5x5/2 (64) -> BN -> leaky ReLU -> conv 5x5/2 (128) -> BN
-           -> leaky ReLU -> flatten -> dense mu (Z), dense log_var (Z)
-  decoder: dense 7*7*128 -> ReLU -> reshape -> deconv 5x5/2 (64) -> BN -> ReLU
-           -> deconv 5x5/2 (C) -> tanh
-
-32x32 (CIFAR-10, SVHN at full size) and 64x64 (CelebA) add one and two more
-stride-2 levels, doubling the filters each level (256, 512), down to 4x4.
-Convolutions followed by batch norm have no bias (BN's shift replaces it; the
-original's slim layers drop it too), and batch norm keeps its moving statistics with
-the original's decay, 0.999 (slim.batch_norm's default; Keras' is 0.99). The decoder's
-last layer outputs `likelihood.params_per_value` numbers per value: the mean, through
-tanh for data in [-1, 1] (the original) or sigmoid for [0, 1] (the PyTorch sibling),
-then any others (e.g. a log scale) as they are.
-
-The networks are a registry, NETWORKS (--arch), as the decoders are in losses.py: `original`
-(the above; --width its first level's filters, 64), `resnet` (stride-2 stages of --depth
-residual blocks each, --width base channels, one latent) and `hierarchical` (latent groups
-at several resolutions with a learned conditional prior; see Hierarchical). Adding a network
-is a class with the methods of `Network` and one line of NETWORKS; `forward` runs either kind
-of encoder (docs/networks.md).
+"""The VAE: a Keras model of an encoder, a decoder (networks.py) and a likelihood (losses.py),
+with its objective and test metrics, and what the commands do with a run's VAE (make it, encode
+and decode in batches, recompute batch norm's statistics).
 """
+import functools
 import math
-import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import layers
 
 import data
 import losses
-
-# image size -> (number of stride-2 levels, spatial size at the bottom)
-ARCHITECTURES = {28: (2, 7), 32: (3, 4), 64: (4, 4)}
-OUTPUT_ACTIVATIONS = {'-1,1': 'tanh', '0,1': 'sigmoid'}  # --data_range -> decoder output
-LEAKY_SLOPE = 0.2  # tf.nn.leaky_relu's default, as in the original
-BN_MOMENTUM = 0.999  # slim.batch_norm's decay, as in the original
-BN_EPSILON = 0.001
-
-
-def _filters(levels, width=64):
-    return [width * 2 ** i for i in range(levels)]
-
-
-def _batch_norm(sync_batch_norm, **kwargs):
-    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                     synchronized=sync_batch_norm, **kwargs)
-
-
-def _latent_heads(x, z_dim):
-    """Features (B, F) -> (mu, log_var), each (B, z_dim). The heads compute in float32 under
-    mixed precision: exp(log_var) overflows float16 early."""
-    mu = layers.Dense(z_dim, name='mu', dtype='float32')(x)
-    log_var = layers.Dense(z_dim, name='log_var', dtype='float32')(x)
-    return mu, log_var
-
-
-def latent_weights(image_size, z_dim, arch='original', width=None, depth=None):
-    """The number of weights that grow with z_dim, without building anything: the encoder's
-    two dense heads and the decoder's first dense layer (the rest is a few million at most)."""
-    network = NETWORKS[arch]
-    width, depth = network.resolve(width, depth)
-    return z_dim * (3 * network.bottom_features(image_size, width, depth) + 2)
-
-
-def make_encoder(image_size, channels, z_dim, sync_batch_norm=False, width=64):
-    """(B, S, S, C) in [-1, 1] -> (mu, log_var), each (B, z_dim), float32."""
-    levels, _ = ARCHITECTURES[image_size]
-    x = inputs = keras.Input((image_size, image_size, channels))
-    for filters in _filters(levels, width):
-        x = layers.Conv2D(filters, 5, strides=2, padding='same', use_bias=False)(x)
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                      synchronized=sync_batch_norm)(x)
-        x = layers.LeakyReLU(LEAKY_SLOPE)(x)
-    x = layers.Flatten()(x)
-    return keras.Model(inputs, _latent_heads(x, z_dim), name='encoder')
-
-
-class OutputHead(layers.Layer):
-    """(B, S, S, C * P) -> float32 of the same shape, the activation applied to the first C
-    channels (the mean); the other P - 1 groups (e.g. log scales) pass unchanged."""
-
-    def __init__(self, channels, activation, **kwargs):
-        super().__init__(dtype='float32', **kwargs)
-        self.channels = channels
-        self.activation = keras.activations.get(activation)
-
-    def call(self, x):
-        return tf.concat([self.activation(x[..., :self.channels]), x[..., self.channels:]], -1)
-
-
-def make_decoder(image_size, channels, z_dim, activation='tanh', sync_batch_norm=False,
-                 params_per_value=1, width=64):
-    """(B, z_dim) -> (B, S, S, C * params_per_value): the mean ([-1, 1] with tanh, [0, 1]
-    with sigmoid) and the likelihood's other parameters, float32."""
-    levels, base = ARCHITECTURES[image_size]
-    filters = _filters(levels, width)[::-1]
-    z = inputs = keras.Input((z_dim,))
-    x = layers.Dense(base * base * filters[0], activation='relu')(z)
-    x = layers.Reshape((base, base, filters[0]))(x)
-    for f in filters[1:]:
-        x = layers.Conv2DTranspose(f, 5, strides=2, padding='same', use_bias=False)(x)
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                      synchronized=sync_batch_norm)(x)
-        x = layers.ReLU()(x)
-    x = layers.Conv2DTranspose(channels * params_per_value, 5, strides=2, padding='same')(x)
-    x = OutputHead(channels, activation)(x)
-    return keras.Model(inputs, x, name='decoder')
-
-
-class Network:
-    """An encoder and decoder of one kind (a NETWORKS entry), one latent z of z_dim.
-
-    width, depth: the defaults of --width and --depth; depth None: the network has no --depth.
-    """
-    width, depth = 64, None
-
-    @classmethod
-    def resolve(cls, width=None, depth=None):
-        """--width and --depth, None meaning this network's default -> (width, depth)."""
-        return (cls.width if width is None else width), (cls.depth if depth is None else depth)
-
-    @staticmethod
-    def bottom_features(image_size, width, depth):
-        """The number of features at the bottom, next to z (flattened)."""
-        levels, base = ARCHITECTURES[image_size]
-        return base * base * _filters(levels, width)[-1]
-
-    @classmethod
-    def groups(cls, image_size, z_dim, width=None, depth=None):
-        """The sizes of the latent groups, top first, which z (B, sum of them) concatenates
-        (flattened): one group of z_dim for a network with one latent."""
-        return [z_dim]
-
-    @classmethod
-    def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
-              sync_batch_norm=False, width=None, depth=None):
-        """-> (encoder, decoder) (see `forward`): an encoder (B, S, S, C) -> (mu, log_var),
-        (B, Z) each, or (x, eps) -> (params, mu, log_var, ...); a decoder (B, Z) ->
-        params (B, S, S, C * params_per_value), the mean through `activation` first; float32
-        out, Z the sum of `groups`."""
-        raise NotImplementedError
-
-
-class Original(Network):
-    """The original's network (the module docstring); --width: the first level's filters."""
-
-    @classmethod
-    def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
-              sync_batch_norm=False, width=None, depth=None):
-        width, _ = cls.resolve(width, depth)
-        return (make_encoder(image_size, channels, z_dim, sync_batch_norm, width),
-                make_decoder(image_size, channels, z_dim, activation, sync_batch_norm,
-                             params_per_value, width))
-
-
-def residual_block(filters, sync_batch_norm):
-    """-> a function x (B, H, W, filters) -> relu(x + BN(conv(relu(BN(conv(x)))))), two 3x3
-    convolutions (He et al. 2016), whose layers are made once: calling it on several inputs
-    shares them. The second batch norm starts at scale 0 (Goyal et al. 2017), so that every
-    block starts as the identity and a deep stack trains from the first step."""
-    conv1 = layers.Conv2D(filters, 3, padding='same', use_bias=False)
-    norm1 = _batch_norm(sync_batch_norm)
-    conv2 = layers.Conv2D(filters, 3, padding='same', use_bias=False)
-    norm2 = _batch_norm(sync_batch_norm, gamma_initializer='zeros')
-
-    def block(x):
-        h = layers.ReLU()(norm1(conv1(x)))
-        return layers.ReLU()(layers.Add()([x, norm2(conv2(h))]))
-    return block
-
-
-class ResNet(Network):
-    """A residual encoder and decoder with one latent.
-
-    encoder: conv 3x3 (width) -> per level: conv 3x3/2 (width 2^l) -> BN -> ReLU -> `depth`
-             residual blocks; flatten -> dense mu, log_var
-    decoder: dense (bottom) -> ReLU -> reshape -> per level, from the bottom: `depth` residual
-             blocks -> deconv 3x3/2 (half the filters; C * params_per_value at the top) [-> BN
-             -> ReLU, all but the last]
-
-    The levels and the bottom's size are the original's (ARCHITECTURES): 28 -> 7, 32 and 64 -> 4.
-    """
-    width, depth = 32, 2
-
-    @classmethod
-    def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
-              sync_batch_norm=False, width=None, depth=None):
-        width, depth = cls.resolve(width, depth)
-        levels, base = ARCHITECTURES[image_size]
-        filters = _filters(levels, width)
-
-        x = inputs = keras.Input((image_size, image_size, channels))
-        x = layers.Conv2D(width, 3, padding='same')(x)
-        for f in filters:
-            x = layers.Conv2D(f, 3, strides=2, padding='same', use_bias=False)(x)
-            x = layers.ReLU()(_batch_norm(sync_batch_norm)(x))
-            for _ in range(depth):
-                x = residual_block(f, sync_batch_norm)(x)
-        encoder = keras.Model(inputs, _latent_heads(layers.Flatten()(x), z_dim), name='encoder')
-
-        z = inputs = keras.Input((z_dim,))
-        x = layers.Dense(base * base * filters[-1], activation='relu')(z)
-        x = layers.Reshape((base, base, filters[-1]))(x)
-        for i, f in reversed(list(enumerate(filters))):
-            for _ in range(depth):
-                x = residual_block(f, sync_batch_norm)(x)
-            if i == 0:
-                x = layers.Conv2DTranspose(channels * params_per_value, 3, strides=2,
-                                           padding='same')(x)
-            else:
-                x = layers.Conv2DTranspose(filters[i - 1], 3, strides=2, padding='same',
-                                           use_bias=False)(x)
-                x = layers.ReLU()(_batch_norm(sync_batch_norm)(x))
-        decoder = keras.Model(inputs, OutputHead(channels, activation)(x), name='decoder')
-        return encoder, decoder
-
-
-class Hierarchical(Network):
-    """A top-down hierarchy of latent groups (a ladder VAE: Sønderby et al. 2016; NVAE, Vahdat
-    and Kautz 2020; VDVAE, Child 2021) with a learned conditional prior.
-
-    Groups: the top one, z_dim numbers as in the other networks (the ex-post mixture is fitted
-    to it), then one spatial group of LATENT_CHANNELS channels at each level of the original's
-    resolutions, from the bottom up: 7x7 and 14x14 at 28; 4, 8, 16 (and 32 at 64).
-
-    encoder, bottom-up: conv 3x3 (width) -> per level: conv 3x3/2 (width 2^l) -> BN -> ReLU ->
-      `depth` residual blocks (the level's features); flatten -> dense m, log s^2 of the top.
-    top-down (shared by both paths): dense (bottom) -> ReLU -> reshape; per level, from the
-      bottom: prior conv 3x3 -> (mu_p, log sigma_p); z = mu_p + sigma_p u; h += conv 1x1 (z);
-      `depth` residual blocks; deconv 3x3/2 (-> BN -> ReLU, all but the last, which gives
-      C * params_per_value channels).
-    posterior: q(z_l | x, z_<l) = N(mu_p + sigma_p m, (sigma_p s)^2), (m, log s^2) from a conv
-      3x3 of [h, the level's features], starting at 0 (q = p).
-
-    The latent the rest of the tool sees is u = (u_top, u_1, ...), flattened, of the whitened
-    groups u_l = (z_l - mu_p) / sigma_p. Under the prior every u_l is N(0, I) whatever the
-    groups above, so p(u) = N(0, I); q(u_l | x, u_<l) = N(m, s^2); and KL(q(z_l) || p(z_l))
-    = KL(N(m, s^2) || N(0, I)), per group in closed form, given the groups above. So the
-    decoder maps u ~ N(0, I) to an image through the conditional prior, and the KL,
-    the IW-NLL and the priors of the other networks hold as they are, with (mu, log_var) the
-    (m, log s^2) of the sampled path. The encoder takes (x, eps) and returns the decoder's
-    output with them (the posterior of each group needs the top-down path above it), and
-    the prior's (mu_p, 2 log sigma_p) of the path (0 for the top group).
-    """
-    width, depth = 32, 1
-    latent_channels = 4
-
-    @classmethod
-    def groups(cls, image_size, z_dim, width=None, depth=None):
-        levels, base = ARCHITECTURES[image_size]
-        return [z_dim] + [cls.latent_channels * (base * 2 ** i) ** 2 for i in range(levels)]
-
-    @classmethod
-    def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
-              sync_batch_norm=False, width=None, depth=None):
-        width, depth = cls.resolve(width, depth)
-        levels, base = ARCHITECTURES[image_size]
-        filters = _filters(levels, width)  # level l: (image_size / 2^(l+1))^2 x filters[l]
-        sizes = cls.groups(image_size, z_dim)
-        c = cls.latent_channels
-        norm = lambda **kw: _batch_norm(sync_batch_norm, **kw)
-
-        # The top-down layers, made once: both paths call them.
-        top = layers.Dense(base * base * filters[-1], activation='relu')
-        prior = [layers.Conv2D(2 * c, 3, padding='same', dtype='float32', name=f'prior_{l}')
-                 for l in range(levels)]
-        posterior = [layers.Conv2D(2 * c, 3, padding='same', dtype='float32',
-                                   kernel_initializer='zeros', name=f'posterior_{l}')
-                     for l in range(levels)]
-        project = [layers.Conv2D(f, 1) for f in filters]
-        blocks = [[residual_block(f, sync_batch_norm) for _ in range(depth)] for f in filters]
-        up = [layers.Conv2DTranspose(filters[l - 1], 3, strides=2, padding='same',
-                                     use_bias=False) for l in range(1, levels)]
-        up_norm = [norm() for _ in range(1, levels)]
-        out = layers.Conv2DTranspose(channels * params_per_value, 3, strides=2, padding='same')
-        head = OutputHead(channels, activation)
-
-        def top_down(u_top, group):
-            """u_top (B, z_dim) and group(l, h) -> u_l (B, r, r, c) -> (decoder output, the
-            prior's (mu_p, log var_p) of each level)."""
-            h = keras.ops.reshape(top(u_top), (-1, base, base, filters[-1]))
-            priors = []
-            for l in reversed(range(levels)):
-                mu_p, log_sigma_p = keras.ops.split(prior[l](h), 2, axis=-1)
-                z = mu_p + keras.ops.exp(log_sigma_p) * group(l, h)
-                h = layers.Add()([h, project[l](z)])
-                for block in blocks[l]:
-                    h = block(h)
-                h = out(h) if l == 0 else layers.ReLU()(up_norm[l - 1](up[l - 1](h)))
-                priors.append((mu_p, 2.0 * log_sigma_p))
-            return head(h), priors
-
-        flat = lambda t: keras.ops.reshape(t, (-1, math.prod(t.shape[1:])))
-        offsets = np.cumsum(sizes)[:-1].tolist()
-
-        def unflatten(u, l):  # level l's part of the flat u (B, sum(sizes)) -> (B, r, r, c)
-            r = base * 2 ** (levels - 1 - l)
-            i = 1 + levels - 1 - l  # groups are ordered top first, then from the bottom
-            return keras.ops.reshape(keras.ops.split(u, offsets, axis=-1)[i], (-1, r, r, c))
-
-        # The encoder: bottom-up features, then the top-down path with q of each group.
-        x = image = keras.Input((image_size, image_size, channels))
-        eps = keras.Input((sum(sizes),))
-        x = layers.Conv2D(width, 3, padding='same')(x)
-        features = []
-        for l, f in enumerate(filters):
-            x = layers.Conv2D(f, 3, strides=2, padding='same', use_bias=False)(x)
-            x = layers.ReLU()(norm()(x))
-            for _ in range(depth):
-                x = residual_block(f, sync_batch_norm)(x)
-            features.append(x)
-        mu_top, log_var_top = _latent_heads(layers.Flatten()(x), z_dim)
-        q = {}
-
-        def sample_posterior(l, h):
-            m, log_s2 = keras.ops.split(
-                posterior[l](layers.Concatenate()([h, features[l]])), 2, axis=-1)
-            q[l] = (m, log_s2)
-            return m + keras.ops.exp(0.5 * log_s2) * unflatten(eps, l)
-
-        u_top = mu_top + keras.ops.exp(0.5 * log_var_top) * keras.ops.split(eps, offsets,
-                                                                              axis=-1)[0]
-        params, priors = top_down(u_top, sample_posterior)
-        order = list(reversed(range(levels)))  # the groups below the top, as in u
-        zeros = keras.ops.zeros_like(mu_top)
-        outputs = [params] + [
-            keras.ops.concatenate([top_part] + [flat(t) for t in parts], axis=-1)
-            for top_part, parts in (
-                (mu_top, [q[l][0] for l in order]), (log_var_top, [q[l][1] for l in order]),
-                (zeros, [p[0] for p in priors]), (zeros, [p[1] for p in priors]))]
-        encoder = keras.Model([image, eps], outputs, name='encoder')
-
-        u = keras.Input((sum(sizes),))
-        params, _ = top_down(keras.ops.split(u, offsets, axis=-1)[0],
-                             lambda l, h: unflatten(u, l))
-        decoder = keras.Model(u, params, name='decoder')
-        return encoder, decoder
-
-
-# --arch -> Network: its encoder and decoder.
-NETWORKS = {
-    'original': Original,
-    'resnet': ResNet,
-    'hierarchical': Hierarchical,
-}
+import networks
+import utils
 
 
 def reparameterize(mu, log_var, eps):
@@ -399,31 +64,62 @@ def replica_noise(shape, seed, step):
     return eps[replica.replica_id_in_sync_group * b:][:b]
 
 
+@keras.saving.register_keras_serializable('sigma_vae')
 class VAE(keras.Model):
-    """Encoder, decoder and the decoder's likelihood (losses.DECODERS), whose weights
-    (a trainable log sigma, running statistics) are trained and checkpointed with the rest.
+    """A VAE of any encoder, decoder and decoder likelihood, and its objective: trained by
+    train.py's Trainer (trainer.py), or by Keras' compile / fit / evaluate.
 
-    sync_batch_norm: batch norm statistics over the global batch of all replicas.
-    arch, width, depth: the networks, NETWORKS[arch] (None: its default width and depth).
+    encoder: (B, H, W, C) -> (mu, log_var), each (B, Z) (or a whole pass, see `forward`);
+    decoder: (B, Z) -> (B, H, W, C * likelihood.params_per_value), the mean first (see
+    losses.Likelihood); likelihood: a losses.DECODERS entry, e.g. losses.DECODERS['optimal']()
+    for the sigma-VAE, whose weights (a trainable log sigma, running statistics) are trained and
+    checkpointed with the networks. groups: the sizes of the latent groups that z concatenates,
+    top first (None: one group of Z). beta, kl_warmup (steps) and free_bits (nats): train.py's
+    --beta, --kl_warmup and --free_bits (losses.kl_weight, losses.free_bits_kl).
+
+        vae = VAE(encoder, decoder, losses.DECODERS['optimal']())
+        vae.compile(keras.optimizers.Adam(1e-3))
+        vae.fit(train_ds, epochs=1); vae.evaluate(test_ds, return_dict=True)
+
+    `objective` is one step's loss and metrics (losses.vae_loss), with the tf.distribute hooks
+    (losses.replica_mean, losses.replica_batch): under a strategy (build and compile in its
+    scope) the optimal sigma* and the metrics are the global batch's, and the replicas'
+    gradients add up to the global batch's. The noise of step s is drawn for the global batch
+    from (seed, s); `fit`'s step is the optimizer's iteration count. `test_sums` are the test
+    metrics of a batch, which `test_metrics` (the Trainer, evaluate.py) and Keras' evaluate()
+    average alike; evaluate() draws its noise from (seed, -1 - iterations).
     """
 
-    def __init__(self, image_size, channels, z_dim, likelihood, data_range='-1,1',
-                 sync_batch_norm=False, arch='original', width=None, depth=None, **kwargs):
+    def __init__(self, encoder, decoder, likelihood, beta=1.0, seed=0, kl_warmup=None,
+                 free_bits=None, groups=None, **kwargs):
         # The VAE's own inputs, noise and outputs stay float32 under mixed precision; its
         # encoder and decoder compute in the global policy's dtype.
-        super().__init__(dtype='float32', **kwargs)
-        self.data_range, self.likelihood = data_range, likelihood
-        # The latent groups, top first; z concatenates them (z_dim: the top group's size).
-        self.groups = NETWORKS[arch].groups(image_size, z_dim, width, depth)
-        self.z_dim = sum(self.groups)
-        self.image_shape = (image_size, image_size, channels)
-        self.encoder, self.decoder = NETWORKS[arch].build(
-            image_size, channels, z_dim, likelihood.params_per_value,
-            OUTPUT_ACTIVATIONS[data_range], sync_batch_norm, width, depth)
-        self.build((None, image_size, image_size, channels))
+        kwargs.setdefault('dtype', 'float32')
+        super().__init__(**kwargs)
+        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
+        self.beta, self.seed = float(beta), int(seed)
+        self.kl_warmup, self.free_bits = kl_warmup, free_bits
+        self.z_dim = decoder.inputs[0].shape[-1]
+        self.groups = [self.z_dim] if groups is None else list(groups)  # top first
+        self.image_shape = tuple(encoder.inputs[0].shape[1:])
+        # Keras' metrics of fit and evaluate (their variables are not in a checkpoint's graph).
+        self.trackers = {k: keras.metrics.Mean(name=k) for k in losses.METRICS + (
+            'discrete', 'mse') + tuple(f'kl_group{l}' for l in range(len(self.groups))
+                                       if len(self.groups) > 1)}
+        self.built = True  # the encoder and decoder are built networks
 
-    def build(self, input_shape):
-        self.built = True
+    def get_config(self):  # for Keras' saving of the whole model (.keras, ModelCheckpoint)
+        nets = {k: keras.saving.serialize_keras_object(getattr(self, k))
+                for k in ('encoder', 'decoder', 'likelihood')}
+        return {'name': self.name, **nets, 'beta': self.beta, 'seed': self.seed,
+                'kl_warmup': self.kl_warmup, 'free_bits': self.free_bits, 'groups': self.groups}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for k in ('encoder', 'decoder', 'likelihood'):
+            config[k] = keras.saving.deserialize_keras_object(config[k])
+        return cls(**config)
 
     def call(self, x, eps=None, training=False):
         """x (B, S, S, C) -> (params, mu, log_var), float32; z = mu when eps is None.
@@ -440,81 +136,23 @@ class VAE(keras.Model):
         """x (B, S, S, C) -> the decoder mean at z = mu, in evaluation mode."""
         return self.likelihood.mean(self(x)[0])
 
+    # ---- training -------------------------------------------------------------------
 
-@keras.saving.register_keras_serializable('sigma_vae')
-class FitVAE(keras.Model):
-    """A VAE for Keras' compile / fit / evaluate, from any encoder, decoder and likelihood.
-
-    encoder: (B, H, W, C) -> (mu, log_var), each (B, Z); decoder: (B, Z) ->
-    (B, H, W, C * likelihood.params_per_value), the mean first (see losses.Likelihood);
-    likelihood: a losses.DECODERS entry, e.g. losses.DECODERS['optimal']() for the sigma-VAE.
-
-        vae = FitVAE(encoder, decoder, losses.DECODERS['optimal']())
-        vae.compile(keras.optimizers.Adam(1e-3))
-        vae.fit(train_ds, epochs=1); vae.evaluate(test_ds, return_dict=True)
-
-    train_step and test_step call losses.vae_loss, the function train.py's Trainer calls, with
-    the tf.distribute hooks (losses.replica_mean, losses.replica_batch): under a strategy
-    (build and compile in its scope) the optimal sigma* and the metrics are the global
-    batch's, and the replicas' gradients add up to the global batch's. The noise of a
-    training step is drawn for the global batch from (seed, the optimizer's iteration count),
-    as the Trainer's from (seed, step); kl_warmup (steps) and free_bits (nats) are train.py's
-    --kl_warmup and --free_bits (see losses.kl_weight, losses.free_bits_kl), the step being
-    the optimizer's iteration count. Evaluation draws from (seed, -1 - iterations), the
-    same for every test batch, so that evaluate() is deterministic. Training logs the
-    per-step means of losses.METRICS; evaluate() their per-image means over the test set
-    and bits_per_dim_discrete (the 8-bit values), with test_terms (no look at x for sigma).
-    """
-
-    def __init__(self, encoder, decoder, likelihood, beta=1.0, seed=0, kl_warmup=None,
-                 free_bits=None, groups=None, **kwargs):
-        super().__init__(**kwargs)
-        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
-        self.beta, self.seed = float(beta), int(seed)
-        self.kl_warmup, self.free_bits = kl_warmup, free_bits
-        self.z_dim = decoder.inputs[0].shape[-1]
-        self.groups = None if groups is None else list(groups)  # None: one group
-        self.trackers = {k: keras.metrics.Mean(name=k)
-                         for k in losses.METRICS + ('bits_per_dim_discrete',)}
-        self.built = True  # the encoder and decoder are built networks
-
-    def get_config(self):  # for Keras' saving of the whole model (.keras, ModelCheckpoint)
-        nets = {k: keras.saving.serialize_keras_object(getattr(self, k))
-                for k in ('encoder', 'decoder', 'likelihood')}
-        return {'name': self.name, **nets, 'beta': self.beta, 'seed': self.seed,
-                'kl_warmup': self.kl_warmup, 'free_bits': self.free_bits, 'groups': self.groups}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        for k in ('encoder', 'decoder', 'likelihood'):
-            config[k] = keras.saving.deserialize_keras_object(config[k])
-        return cls(**config)
-
-    @property
-    def metrics(self):
-        return list(self.trackers.values())  # reset by Keras at each epoch and evaluation
-
-    def call(self, x, eps=None, training=False):
-        """x (B, H, W, C) -> (params, mu, log_var); z = mu when eps is None."""
-        return forward(self.encoder, self.decoder, x, eps, training)
-
-    def decode(self, z):
-        """z (B, Z) -> the decoder mean x_hat, in evaluation mode."""
-        return self.likelihood.mean(self.decoder(z, training=False))
-
-    def _loss(self, data, step, training):
-        x = data[0] if isinstance(data, (tuple, list)) else data  # images, or (images, labels)
+    def objective(self, x, step):
+        """This replica's part x (b, S, S, C) of a global training batch at `step` -> (loss, this
+        replica's share of the global batch's objective; {name: value} of losses.METRICS, the
+        global batch's)."""
         eps = replica_noise((tf.shape(x)[0], self.z_dim), self.seed, step)
-        params, mu, log_var = self(x, eps, training=training)
-        beta = losses.kl_weight(self.beta, step, self.kl_warmup) if training else self.beta
-        return x, losses.vae_loss(self.likelihood, x, params, mu, log_var, beta,
-                                  losses.replica_mean, losses.replica_batch(x), training,
-                                  self.free_bits, self.groups)
+        params, mu, log_var = self(x, eps, training=True)
+        return losses.vae_loss(
+            self.likelihood, x, params, mu, log_var,
+            losses.kl_weight(self.beta, step, self.kl_warmup), losses.replica_mean,
+            losses.replica_batch(x), free_bits=self.free_bits, groups=self.groups)
 
     def train_step(self, data):
+        x = data[0] if isinstance(data, (tuple, list)) else data  # images, or (images, labels)
         with tf.GradientTape() as tape:
-            _, (loss, stats) = self._loss(data, self.optimizer.iterations, True)
+            loss, stats = self.objective(x, self.optimizer.iterations)
             scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
@@ -522,62 +160,149 @@ class FitVAE(keras.Model):
             self.trackers[name].update_state(value)
         return {name: self.trackers[name].result() for name in stats}
 
-    def test_step(self, data):
-        x, (_, stats) = self._loss(data, -1 - self.optimizer.iterations, False)
-        # Weighted by the global batch's images, so that a short last batch counts as it is.
-        count = tf.distribute.get_replica_context().all_reduce(
-            'sum', tf.cast(tf.shape(x)[0], tf.float32))
-        for name, value in stats.items():
-            self.trackers[name].update_state(value, sample_weight=count)
-        return {name: self.trackers[name].result() for name in stats}
+    # ---- test metrics ----------------------------------------------------------------
 
-
-class Evaluator:
-    """The test metrics of a VAE (`__call__`): losses.METRICS and more, by name, compiled once."""
-
-    def __init__(self, vae, beta=1.0, seed=0):
-        self.vae, self.beta, self.seed = vae, beta, seed
-        self.num_values = int(np.prod(vae.image_shape))  # D, values per image
-        self.log_scale = data.log_scale(vae.data_range)
-        self.step = tf.function(self._step, reduce_retracing=True)
-
-    def summarize(self, rec, kl, log_sigma):
-        """Per-image means -> losses.METRICS (see losses.summarize)."""
-        return losses.summarize(rec, kl, log_sigma, self.beta, self.num_values, self.log_scale)
-
-    def _step(self, x, seed):
-        """{name: sum over a test batch}: rec, kl, log sigma, the discrete rec, the MSE per value
-        of the reconstruction from z = mu, the number of images (count), and with several
-        latent groups the KL of each (kl_group<l>, top first)."""
-        eps = tf.random.stateless_normal((tf.shape(x)[0], self.vae.z_dim), seed=seed)
-        params, mu, log_var = self.vae(x, eps, training=False)
-        rec, discrete, log_sigma = self.vae.likelihood.test_terms(x, params)
+    def test_sums(self, x, eps):
+        """{name: sum over a test batch x}: rec, kl, log sigma, discrete (the 8-bit values' rec),
+        mse (per value, of the reconstruction from z = mu), with several latent groups the KL
+        of each (kl_group<l>, top first), and count (the images); eps: the noise of z."""
+        params, mu, log_var = self(x, eps, training=False)
+        rec, discrete, log_sigma = self.likelihood.test_terms(x, params)
         kl = losses.kl_divergence(mu, log_var)
         terms = {'rec': rec, 'kl': tf.reduce_sum(kl, -1), 'log_sigma': log_sigma,
                  'discrete': discrete,
-                 'mse': losses.per_image_mean(tf.square(x - self.vae.reconstruct(x)))}
-        if len(self.vae.groups) > 1:
+                 'mse': losses.per_image_mean(tf.square(x - self.reconstruct(x)))}
+        if len(self.groups) > 1:
             terms.update((f'kl_group{l}', tf.reduce_sum(k, -1))
-                         for l, k in enumerate(tf.split(kl, self.vae.groups, -1)))
+                         for l, k in enumerate(tf.split(kl, self.groups, -1)))
         sums = {k: tf.reduce_sum(v) for k, v in terms.items()}
         sums['count'] = tf.cast(tf.shape(x)[0], tf.float32)
         return sums
 
-    def __call__(self, test_ds):
-        """The test split's metrics, named test_<metric>: per-image means in nats, bits/dim of
-        the density (test_bits_per_dim) and of the 8-bit values (test_bits_per_dim_discrete),
-        and the MSE per value of the reconstructions (test_mse)."""
-        sums = None
-        for i, x in enumerate(test_ds):  # sums stay on the device: one host sync at the end
-            batch = self.step(x, tf.constant([self.seed, i], tf.int64))
-            sums = batch if sums is None else {k: sums[k] + v for k, v in batch.items()}
-        means = {k: float(v / sums['count']) for k, v in sums.items()}
-        stats = self.summarize(means['rec'], means['kl'], means['log_sigma'])
+    def summarize(self, means):
+        """Per-image means of test_sums -> the test metrics: losses.METRICS (losses.summarize),
+        bits_per_dim_discrete (the 8-bit values), mse and the KL of each group."""
+        num_values = math.prod(self.image_shape)
+        stats = losses.summarize(means['rec'], means['kl'], means['log_sigma'], self.beta,
+                                 num_values, self.likelihood.log_data_scale)
         stats['bits_per_dim_discrete'] = losses.bits_per_dim(means['discrete'] + means['kl'],
-                                                             self.num_values, 0.0)
+                                                             num_values, 0.0)
         stats['mse'] = means['mse']
         stats.update((k, v) for k, v in means.items() if k.startswith('kl_group'))
-        return {'test_' + k: v for k, v in stats.items()}
+        return stats
+
+    def test_metrics(self, test_ds, seed=0):
+        """The metrics of a test split, named test_<metric> (see summarize): per-image means in
+        nats, bits/dim of the density and of the 8-bit values, the MSE per value of the
+        reconstructions; batch i's z drawn from (seed, i)."""
+        sums = None
+        for i, x in enumerate(test_ds):  # sums stay on the device: one host sync at the end
+            eps = tf.random.stateless_normal((tf.shape(x)[0], self.z_dim), seed=[seed, i])
+            batch = self.compiled_test_sums(x, eps)
+            sums = batch if sums is None else {k: sums[k] + v for k, v in batch.items()}
+        means = {k: float(v / sums['count']) for k, v in sums.items()}
+        return {'test_' + k: v for k, v in self.summarize(means).items()}
+
+    @functools.cached_property  # in the instance's __dict__: traced once, not tracked by Keras
+    def compiled_test_sums(self):
+        return tf.function(self.test_sums, reduce_retracing=True)
+
+    def test_step(self, data):
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        sums = self.test_sums(x, replica_noise((tf.shape(x)[0], self.z_dim), self.seed,
+                                               -1 - self.optimizer.iterations))
+        count = sums.pop('count')
+        for name, value in sums.items():  # a replica's mean, weighted by its images
+            self.trackers[name].update_state(value / count, sample_weight=count)
+        return self.summarize({name: self.trackers[name].result() for name in sums})
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())  # reset by Keras at each epoch and evaluation
+
+
+@keras.saving.register_keras_serializable('sigma_vae')
+class FitVAE(VAE):
+    """VAE under its earlier name, which .keras files saved by earlier versions name."""
+
+
+# ---- the VAE of a run ---------------------------------------------------------------
+
+def make_vae(config, sync_batch_norm=False):
+    """The VAE of a run's Config (its network, likelihood and objective), under the current
+    distribution strategy's scope, if any."""
+    return network_vae(config.image_size, config.channels, config.z_dim,
+                       losses.DECODERS[config.model](data.DATA_RANGES[config.data_range],
+                                                     config.log_sigma_min),
+                       config.data_range, config.arch, config.width, config.depth,
+                       sync_batch_norm, beta=config.beta, seed=config.seed,
+                       kl_warmup=config.kl_warmup, free_bits=config.free_bits)
+
+
+def network_vae(image_size, channels, z_dim, likelihood, data_range='-1,1', arch='original',
+                width=None, depth=None, sync_batch_norm=False, **objective):
+    """The VAE of a network of networks.NETWORKS (width, depth None: its defaults) for images of
+    image_size x image_size x channels in data_range, with `likelihood`; objective: VAE's beta,
+    seed, kl_warmup, free_bits. sync_batch_norm: batch norm statistics over the global batch of
+    all replicas."""
+    network = networks.NETWORKS[arch]
+    encoder, decoder = network.build(
+        image_size, channels, z_dim, likelihood.params_per_value,
+        networks.OUTPUT_ACTIVATIONS[data_range], sync_batch_norm, width, depth)
+    return VAE(encoder, decoder, likelihood,
+               groups=network.groups(image_size, z_dim, width, depth), **objective)
+
+
+def latent_groups(config):
+    """The sizes of a run's latent groups, top first (the VAE's `groups`, without building it):
+    [z_dim] but for Hierarchical; z has their sum."""
+    return networks.NETWORKS[config.arch].groups(config.image_size, config.z_dim, config.width,
+                                        config.depth)
+
+
+def check_memory(config, copies):
+    """UsageError if `copies` float32 copies of the run's weights next to z (latent_weights)
+    are more than this machine's memory: 1 to load a checkpoint, 6 to train (the weights, their
+    gradients, Adam's two moments, the initial values, a checkpoint being written)."""
+    width, _ = networks.NETWORKS[config.arch].resolve(config.width, config.depth)
+    needed = 4 * copies * networks.latent_weights(config.image_size, config.z_dim, config.arch,
+                                         config.width, config.depth)
+    utils.check_memory(needed, f'--z_dim {config.z_dim} with --arch {config.arch} --width {width}',
+                       'the layers next to z alone' + (' (to train)' if copies > 1 else ''))
+
+
+BATCH = 500  # images per encoder or decoder call
+PROGRESS_MIN = 5000  # images from which a progress bar is shown
+
+
+def decode_images(vae, z, data_range, desc='decoding'):
+    """z (N, Z) -> the decoder means as uint8 (N, S, S, C), in batches of BATCH (a progress
+    bar when N is large)."""
+    z = np.asarray(z, np.float32)
+    batches = range(0, len(z), BATCH)
+    out = []
+    for i in utils.progress(batches, len(z) >= PROGRESS_MIN, desc=desc, unit='batch', leave=False):
+        decoded = np.asarray(vae.decode(z[i:i + BATCH]))
+        if not np.all(np.isfinite(decoded)):  # to_uint8 would make them black, silently
+            raise utils.UsageError('the decoder gives values that are not finite for these z (they '
+                             'are too far from the prior): ask for z nearer 0')
+        out.append(data.to_uint8(decoded, data_range))  # uint8 per batch: N float64 would not fit
+    return np.concatenate(out)
+
+
+def encode_images(vae, images, num_images, config, dims=None):
+    """mu and log_var (N, Z), float32, of uint8 images (an unbatched tf.data set of num_images
+    or an array), in evaluation mode (the posterior's mean path: see models.forward), in
+    batches of BATCH (a progress bar when N is large); only the first `dims` of z if given."""
+    if isinstance(images, np.ndarray):
+        images = tf.data.Dataset.from_tensor_slices(images)
+    encode = tf.function(lambda x: [t[:, :dims] for t in vae(x)[1:]], reduce_retracing=True)
+    batches = data.make_pipeline(images, config.image_size, BATCH, drop_remainder=False,
+                                 data_range=config.data_range)
+    out = [[t.numpy() for t in encode(x)] for x in utils.progress(
+        batches, desc='encoding', unit='batch', total=math.ceil(num_images / BATCH), leave=False,
+        show=num_images >= PROGRESS_MIN)]
+    return tuple(np.concatenate(t) for t in zip(*out))
 
 
 def recompute_batch_norm(vae, batches, seed=0):
@@ -591,7 +316,7 @@ def recompute_batch_norm(vae, batches, seed=0):
     batch (from 0) makes its update the running average of the batches' statistics.
     """
     norms = list({id(layer): layer for model in (vae.encoder, vae.decoder)  # shared: once
-                  for layer in model.layers if isinstance(layer, layers.BatchNormalization)}
+                  for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
                  .values())
     momentum = [layer.momentum for layer in norms]
     try:
@@ -603,38 +328,3 @@ def recompute_batch_norm(vae, batches, seed=0):
     finally:
         for layer, m in zip(norms, momentum):
             layer.momentum = m
-
-
-# ---- the ex-post prior: a Gaussian mixture over the encoder means ------------------
-
-def fit_gmm(means, components, seed=0):
-    """A Gaussian mixture with full covariances fitted by EM (scikit-learn) to means (N, Z).
-
-    Returns plain arrays: weights (K,), means (K, Z), covariances (K, Z, Z), and how the
-    fit went (converged, n_iter).
-    """
-    from sklearn.mixture import GaussianMixture  # only the fit needs scikit-learn
-    from threadpoolctl import threadpool_limits
-    if not 1 <= components <= len(means):
-        raise ValueError(f'--components must be between 1 and the number of means '
-                         f'({len(means)}), got {components}')
-    mixture = GaussianMixture(components, covariance_type='full', random_state=seed)
-    # EM's products are (N, Z) x (Z, Z): too thin for BLAS threads, which made the fit of
-    # 60,000 20-d means 3-4 times slower on 2 busy cores (16 s against 4 s on one thread).
-    with warnings.catch_warnings(), threadpool_limits(1, user_api='blas'):
-        warnings.simplefilter('ignore')  # non-convergence is reported in the result instead
-        mixture.fit(np.asarray(means, np.float64))
-    return {'weights': mixture.weights_, 'means': mixture.means_,
-            'covariances': mixture.covariances_, 'converged': np.array(mixture.converged_),
-            'n_iter': np.array(mixture.n_iter_)}
-
-
-def sample_gmm(gmm, n, seed=0):
-    """n draws (n, Z), float64, from a mixture of `fit_gmm`'s arrays, fixed by seed (NumPy):
-    a component k by its weight, then means[k] + L_k eps with L_k L_k^T = covariances[k]."""
-    rng = np.random.default_rng(seed)
-    weights = np.asarray(gmm['weights'], np.float64)
-    k = rng.choice(len(weights), size=n, p=weights / weights.sum())
-    eps = rng.standard_normal((n, gmm['means'].shape[1]))
-    cholesky = np.linalg.cholesky(gmm['covariances'])
-    return gmm['means'][k] + np.einsum('nij,nj->ni', cholesky[k], eps)

@@ -2,14 +2,25 @@
 Ctrl-C), flag types, image grids, file writes that survive kills, a private temporary folder,
 and interrupts held off while a checkpoint is written."""
 import os
-import signal
 import sys
+# The C half of `signal`: importing `signal` itself imports enum and collections, half a second
+# on a busy machine, during which a Ctrl-C would end the command in a traceback.
+import _signal
 
 _STDERR = 2  # standard error's file descriptor, or its copy while quiet_tensorflow silences it
+MARKS = os.environ.get('SIGMA_VAE_MARKS', '') not in ('', '0')  # tests: see mark()
 
 
 def _prog():
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'python'
+
+
+def mark(name):
+    """With SIGMA_VAE_MARKS=1, writes '<prog>: mark <name>' to standard error: the moments a test
+    waits for (the start-up's Ctrl-C handler in place, TensorFlow imported) instead of guessing
+    how long a busy machine takes to reach them."""
+    if MARKS:
+        os.write(_STDERR, f'{_prog()}: mark {name}\n'.encode())
 
 
 def _exit_now(signum, frame):
@@ -27,16 +38,21 @@ def _is_command():
         os.path.abspath(__file__))
 
 
-# Before any heavy import: each command imports this module first, so from its first line on a
+# Before any other import: each command imports this module first, so from its first line on a
 # Ctrl-C ends it with one line and status 130 (run_command takes over once main() starts).
-if _is_command() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _exit_now)
+if _is_command() and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    _signal.signal(_signal.SIGINT, _exit_now)
+    mark('handler')
 
+# The rest, once a Ctrl-C is handled.
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import importlib  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -47,13 +63,6 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 VERBOSE = os.environ.get('SIGMA_VAE_VERBOSE', '') not in ('', '0')
-
-
-def start():
-    """The second line of every command, after `import utils`: TensorFlow is imported quietly
-    (quiet_tensorflow). Importing it alone takes seconds; a Ctrl-C meanwhile ends the command
-    with one line (_exit_now)."""
-    quiet_tensorflow()
 
 
 class UsageError(Exception):
@@ -83,15 +92,17 @@ def _unraisable(hook):
     return unraisable
 
 
-def run_command(prog, parse_args, function, argv=None):
-    """The skeleton of every command's main(): parse the flags (a bad one: one line, status 2),
-    call function(args), and end any error in one line `<prog>: error: ...` with its status:
+def run_command(prog, parse_args, work, argv=None):
+    """The skeleton of every command's main(): parse the flags, without TensorFlow (a bad one:
+    one line, status 2; --help answers at once), then import TensorFlow quietly and `work`
+    ('module:function', the library function that does the command's work, or a function), call
+    it with the parsed flags, and end any error in one line `<prog>: error: ...` with its status:
     UsageError 2, RunFailed 1, OSError 1 (a full disk, say). From here on a Ctrl-C raises
     SystemExit(130), so that a command's own cleanup runs (training saves its checkpoint: see
     Interrupts); an interrupted command ignores further signals on its way out.
 
-    Once function(args) has returned, its work is done and said ('wrote ...'), and its status
-    is decided: a Ctrl-C while Python and TensorFlow shut down (a second or more) is ignored.
+    Once work(args) has returned, its work is done and said ('wrote ...'), and its status is
+    decided: a Ctrl-C while Python and TensorFlow shut down (a second or more) is ignored.
     A handler cannot serve there: Python resets its handlers to the default late in its
     shutdown, and the signal would kill the process (status -2, no line), or raise inside a
     destructor (a traceback, status 0)."""
@@ -99,9 +110,14 @@ def run_command(prog, parse_args, function, argv=None):
     if command and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _interrupted)
         sys.unraisablehook = _unraisable(sys.unraisablehook)
-    args = parse_args(argv)
     try:
-        function(args)
+        args = parse_args(argv)
+        quiet_tensorflow()
+        mark('tensorflow')
+        if isinstance(work, str):
+            module, name = work.split(':')
+            work = getattr(importlib.import_module(module), name)
+        work(args)
         if command and _signalled:  # the interrupt was raised in a destructor, and swallowed
             return 128 + _signalled[0]
     except UsageError as e:
@@ -179,9 +195,24 @@ def progress(iterable=None, show=True, **kwargs):
     return tqdm(iterable, disable=True if not show else None, **kwargs)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only where there is a default: not for required flags, switches off by
+    default, or settings whose default is None (their help says what None means)."""
+
+    def _get_help_string(self, action):
+        if action.required or any(action.default is d for d in (None, False, argparse.SUPPRESS)) \
+                or action.default == '' or '%(default)' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, 'prog: error: message (see prog --help)', exit
-    status 2, instead of the usage block and the error. Every CLI of the project uses it."""
+    status 2, instead of the usage block and the error, and whose help shows the defaults that
+    there are (HelpFormatter). Every CLI of the project uses it."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         message = ' '.join(str(message).splitlines())
@@ -210,23 +241,79 @@ def check_name(name, flag):
                          f'without spaces or control characters), got {name!r}')
 
 
-def positive(cast=int, minimum=None):
-    """The argparse type of a finite number above 0 (or at least `minimum`): one check for every
-    such flag of every command. positive()(text) -> int; positive(float)(text) -> float. It also
-    takes a number, so that Config.check applies it to settings made in Python."""
+MAX_INT = 2 ** 63 - 1  # int64: TensorFlow's step counters and seeds take no larger integer
+
+
+def number(cast=int, minimum=None, maximum=None):
+    """The argparse type of a finite number from `minimum` to `maximum` (inclusive; None: any, an
+    integer up to MAX_INT): one check for every such flag of every command. It also takes a
+    number, so that Config's checks apply it to settings made in Python and to config.json."""
     kind = 'an integer' if cast is int else 'a number'
-    expected = f'{kind} of at least {minimum}' if minimum else f'a positive {kind.split()[-1]}'
+    if cast is int and maximum is None:
+        maximum = MAX_INT
+    if minimum is not None and maximum not in (None, MAX_INT):
+        expected = f'{kind} from {minimum} to {maximum}'
+    elif minimum is not None:
+        expected = f'{kind} of at least {minimum}'
+    else:
+        expected = f'{kind} of at most {maximum}' if maximum is not None else 'a finite number'
 
     def parse(text):
         try:
             value = cast(text)
-            ok = 0 < value < float('inf') and (minimum is None or value >= minimum)
+            ok = (math.isfinite(value) and (minimum is None or value >= minimum)
+                  and (maximum is None or value <= maximum))
         except (TypeError, ValueError, OverflowError):
             ok = False
-        if not ok or (cast is int and isinstance(text, float) and text != int(text)):
+        if not ok or isinstance(text, bool) or (
+                cast is int and isinstance(text, float) and text != int(text)):
             raise argparse.ArgumentTypeError(f"must be {expected}, got '{text}'")
         return value
     return parse
+
+
+def positive(cast=int, minimum=None):
+    """number() above 0 (or at least `minimum`): positive()(text) -> int; positive(float) ->
+    float."""
+    check = number(cast, minimum)
+    kind = 'integer' if cast is int else 'number'
+    expected = f'{"an" if cast is int else "a"} {kind} of at least {minimum}' if minimum else \
+        f'a positive {kind}'
+
+    def parse(text):
+        try:
+            value = check(text)
+        except argparse.ArgumentTypeError:
+            too_large = cast is int and isinstance(text, (int, str)) and \
+                str(text).strip().lstrip('+').isdigit() and int(text) > MAX_INT
+            raise argparse.ArgumentTypeError(
+                f"must be {expected}" + (f' of at most {MAX_INT}' if too_large else '') +
+                f", got '{text}'") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got '{text}'")
+        return value
+    return parse
+
+
+def check_memory(needed, what, needs, share=1.0):
+    """UsageError '<what> is too large: <needs> would need about X GiB, more than ...' if
+    `needed` bytes (an integer of any size) are more than `share` of this machine's memory: said
+    before the work, not as an out-of-memory kill minutes later."""
+    memory = physical_memory()
+    if memory and needed > memory * share:
+        gib = needed / 2 ** 30 if needed < 2 ** 1000 else math.inf
+        amount = f'about {gib:,.0f} GiB' if math.isfinite(gib) else 'more memory than any machine has'
+        raise UsageError(f'{what} is too large: {needs} would need {amount}, more than '
+                         f"{'half of ' if share == 0.5 else ''}the {memory / 2 ** 30:,.0f} GiB of "
+                         f'memory here')
+
+
+def physical_memory():
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def error_reason(error):

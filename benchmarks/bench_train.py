@@ -2,7 +2,7 @@
 
 python benchmarks/bench_train.py [--archs original,resnet,...] [--repeats 5] [--steps 20] [--cli_repeats 3]
 
-Every network of models.NETWORKS (--arch of train.py, at its default --width and --depth) is
+Every network of networks.NETWORKS (--arch of train.py, at its default --width and --depth) is
 measured unless --archs names some.
 
 1. Steps on tensors in memory. For each network, model, batch size, XLA setting and precision
@@ -41,18 +41,19 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import utils  # first: TensorFlow starts quietly
+import utils  # noqa: E402  (after the path)
 utils.quiet_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import checkpoints  # noqa: E402
+import config as settings  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
-import models  # noqa: E402
-import run_folder  # noqa: E402
-import train  # noqa: E402
+import networks  # noqa: E402
+import trainer as training  # noqa: E402
 
 PEAK_SIZE = 2048  # the matmul burst: n x n times n x n
 
@@ -150,12 +151,12 @@ def make_step(arch, model, precision, batch, xla, channels=1):
     """A Trainer's compiled update and its batches, built under the precision's policy, and
     the training FLOPs of one image: 3 x the forward FLOPs of the calls one step makes."""
     precision = None if precision == 'float32' else precision
-    config = run_folder.Config(model=model, arch=arch, batch_size=batch, xla=xla,
+    config = settings.Config(model=model, arch=arch, batch_size=batch, xla=xla,
                                mixed_precision=precision, channels=channels,
                                output_dir=tempfile.gettempdir(), experiment_name='bench')
-    keras.mixed_precision.set_dtype_policy(train.POLICIES[precision])
+    keras.mixed_precision.set_dtype_policy(training.POLICIES[precision])
     try:
-        trainer = train.Trainer(config)
+        trainer = training.Trainer(config)
     finally:
         keras.mixed_precision.set_dtype_policy('float32')
     rng = np.random.default_rng(0)
@@ -276,12 +277,12 @@ def run_cli(arch, model, precision, output_dir, name, max_steps=None):
 
 
 def evaluate_test(run_dir):
-    """The test metrics of a run as evaluate.py computes them (run_folder.load_model: batch norm
+    """The test metrics of a run as evaluate.py computes them (checkpoints.load_model: batch norm
     statistics recomputed under the final weights; float32 whatever the training precision)."""
-    config, vae, state = run_folder.load_model(run_dir)
+    config, vae, state = checkpoints.load_model(run_dir)
     test_ds = data.make_pipeline(state.splits.test, config.image_size, config.batch_size,
                                  drop_remainder=False, data_range=config.data_range)
-    return models.Evaluator(vae, config.beta, config.seed)(test_ds)
+    return vae.test_metrics(test_ds, config.seed)
 
 
 def _read_all(fd, chunks):
@@ -343,8 +344,8 @@ def names(text, known, what, parser):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--archs', default=','.join(models.NETWORKS),
-                   help='networks (models.NETWORKS, at their default --width and --depth) of both '
+    p.add_argument('--archs', default=','.join(networks.NETWORKS),
+                   help='networks (networks.NETWORKS, at their default --width and --depth) of both '
                         'parts, comma-separated')
     p.add_argument('--repeats', type=int, default=5, help='interleaved timings of each setting')
     p.add_argument('--steps', type=int, default=20, help='steps per timing')
@@ -362,7 +363,7 @@ def main():
                         "whole epoch, 937 steps (the first step's tracing, within train_seconds, "
                         "weighs more in a short run)")
     args = p.parse_args()
-    args.archs = names(args.archs, list(models.NETWORKS), 'network', p)
+    args.archs = names(args.archs, list(networks.NETWORKS), 'network', p)
     if not args.archs:
         p.error('--archs names no network')
     args.models = names(args.models, list(losses.DECODERS), 'model', p)

@@ -8,11 +8,12 @@ import tensorflow as tf
 
 import compare
 import models
-import run_folder
-import evaluate
 import losses
-import train
 from conftest import TINY, run
+import checkpoints
+import config as settings
+import evaluation
+import trainer as training
 
 DECODERS = list(losses.DECODERS)
 RNG = np.random.default_rng(3)
@@ -105,7 +106,7 @@ def make(name):
 @pytest.mark.parametrize('name', DECODERS)
 def test_the_decoder_outputs_what_the_likelihood_reads(name):
     likelihood = make(name)
-    vae = models.VAE(28, C, 3, likelihood)
+    vae = models.network_vae(28, C, 3, likelihood)
     x = tf.random.uniform((B, 28, 28, C), -1, 1)
     params, mu, log_var = vae(x, tf.zeros((B, 3)))
     assert params.shape == (B, 28, 28, C * likelihood.params_per_value) and params.dtype == tf.float32
@@ -200,7 +201,7 @@ def trained(tmp_path_factory):
     x = tf.constant(eight_bit((8, 28, 28, 1)))
     result = {}
     for name in DECODERS:
-        trainer = train.Trainer(run_folder.Config(model=name, batch_size=8, z_dim=4, seed=2,
+        trainer = training.Trainer(settings.Config(model=name, batch_size=8, z_dim=4, seed=2,
                                              output_dir=str(out), experiment_name=name,
                                              channels=1))
         result[name] = trainer, [float(trainer.update(x)['loss']) for _ in range(12)]
@@ -219,7 +220,7 @@ def test_iw_nll_with_one_sample_is_the_negative_elbo_of_the_same_z(trained, name
     x, result = trained
     vae = result[name][0].vae
     ds = tf.data.Dataset.from_tensor_slices(x).batch(8)
-    nll, discrete, seen = evaluate.importance_weighted_nll(vae, ds, 1, seed=5)
+    nll, discrete, seen = evaluation.importance_weighted_nll(vae, ds, 1, seed=5)
     # The same z by hand: one batch, seed [5, 0].
     mu, log_var = vae.encoder(x, training=False)
     z = mu + tf.exp(0.5 * log_var) * tf.random.stateless_normal((1,) + mu.shape, seed=[5, 0])[0]
@@ -267,7 +268,7 @@ def test_a_decoder_registered_at_run_time_trains_and_is_evaluated(image_folder, 
     assert result['model'] == 'toy' and np.isfinite(result['iw_bits_per_dim_discrete'])
     assert '| toy |' in open(out / 'results.md').read()
     # Trained: log b moved from 0, and a restored run has it back.
-    assert float(run_folder.load_model(str(out / 'toy'))[1].likelihood.log_b) != 0.0
+    assert float(checkpoints.load_model(str(out / 'toy'))[1].likelihood.log_b) != 0.0
     capsys.readouterr()
     assert run(['--model', 'toy', '--dataset', image_folder, '--output_dir', str(tmp_path),
                 '--max_steps', '1'] + TINY) == 0

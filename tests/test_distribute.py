@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 import losses
-import run_folder
-import train
 from conftest import TINY, run
+import config as settings
+import trainer as training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,8 +25,8 @@ cpu = tf.config.list_physical_devices('CPU')[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 import numpy as np
-import run_folder
-import train
+import config as settings
+import trainer as training
 
 x = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype('float32')
 result = {}
@@ -35,9 +35,9 @@ mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
 for model in sys.argv[3].split(','):
     runs = []
     for strategy in (tf.distribute.get_strategy(), mirrored):
-        config = run_folder.Config(model=model, batch_size=8, z_dim=4, output_dir=sys.argv[2],
+        config = settings.Config(model=model, batch_size=8, z_dim=4, output_dir=sys.argv[2],
                               experiment_name=model, channels=1)
-        trainer = train.Trainer(config, strategy)
+        trainer = training.Trainer(config, strategy)
         # Plain SGD: the update is the summed gradient itself (Adam's g / rms(g) would turn
         # the rounding of near-zero gradients into whole steps of lr).
         with strategy.scope():
@@ -64,7 +64,7 @@ def mirrored_vs_one_device(tmp_path_factory):
     out = tmp_path_factory.mktemp('mirrored')
     proc = subprocess.run([sys.executable, '-c', MIRRORED_CHECK, REPO, str(out),
                            ','.join(losses.DECODERS)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.load(open(out / 'result.json'))
 
@@ -103,7 +103,7 @@ def test_two_workers_on_localhost_train_and_write_one_checkpoint(image_folder, t
              '--max_steps', '3'] + TINY, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True))
     try:
-        outputs = [p.communicate(timeout=240) for p in procs]
+        outputs = [p.communicate(timeout=1800) for p in procs]
     finally:
         for p in procs:
             p.kill()
@@ -121,11 +121,11 @@ def test_two_workers_on_localhost_train_and_write_one_checkpoint(image_folder, t
 def test_mixed_precision_keeps_the_loss_terms_float32_and_finite(image_folder, tmp_path, precision,
                                                                  compute, scaled):
     import keras
-    config = run_folder.Config(model='sigma_pixel', batch_size=8, z_dim=4, mixed_precision=precision,
+    config = settings.Config(model='sigma_pixel', batch_size=8, z_dim=4, mixed_precision=precision,
                           channels=1, output_dir=str(tmp_path), experiment_name='mp')
-    keras.mixed_precision.set_dtype_policy(train.POLICIES[precision])
+    keras.mixed_precision.set_dtype_policy(training.POLICIES[precision])
     try:
-        trainer = train.Trainer(config)
+        trainer = training.Trainer(config)
         assert trainer.vae.encoder.layers[1].compute_dtype == compute
         assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer) == scaled
         x = tf.random.uniform((8, 28, 28, 1), -1, 1)

@@ -15,45 +15,12 @@ import losses
 import models
 import run_folder
 from conftest import TINY, run
+import checkpoints
+import config as settings
+import evaluation
+import features as features_module
 
 RNG = np.random.default_rng(0)
-
-
-def random_cov(f, rng):
-    a = rng.normal(size=(f, 2 * f))
-    return a @ a.T / (2 * f)
-
-
-def test_frechet_distance_of_identical_sets_is_zero():
-    features = RNG.normal(size=(500, 8))
-    stats = evaluate.feature_statistics(features)
-    assert abs(evaluate.frechet_distance(*stats, *stats)) < 1e-8
-
-
-def test_frechet_distance_of_a_mean_shift_is_its_squared_norm():
-    mu, cov = RNG.normal(size=6), random_cov(6, RNG)
-    shift = RNG.normal(size=6)
-    assert evaluate.frechet_distance(mu, cov, mu + shift, cov) == pytest.approx(
-        np.sum(shift ** 2), abs=1e-8)
-
-
-def test_frechet_distance_closed_form_for_commuting_covariances():
-    # C = Q diag(a) Q^T and Q diag(b) Q^T: the distance is |dmu|^2 + sum (sqrt a - sqrt b)^2.
-    q, _ = np.linalg.qr(RNG.normal(size=(5, 5)))
-    a, b = RNG.uniform(0.1, 3, 5), RNG.uniform(0.1, 3, 5)
-    mu1, mu2 = RNG.normal(size=5), RNG.normal(size=5)
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    got = evaluate.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
-    assert got == pytest.approx(expected, rel=1e-9)
-
-
-def test_frechet_distance_general_against_the_eigenvalues_of_the_product():
-    c1, c2 = random_cov(7, RNG), random_cov(7, RNG)
-    # tr sqrt(C1 C2) = sum of the square roots of the (real, non-negative) eigenvalues of C1 C2.
-    trace_sqrt = np.sum(np.sqrt(np.abs(np.linalg.eigvals(c1 @ c2).real)))
-    expected = np.trace(c1) + np.trace(c2) - 2 * trace_sqrt
-    assert evaluate.frechet_distance(np.zeros(7), c1, np.zeros(7), c2) == pytest.approx(expected, rel=1e-8)
-
 
 def test_log_importance_weights_match_numpy():
     b, z_dim = 3, 4
@@ -74,10 +41,10 @@ def trained_run(image_folder, tmp_path_factory):
 
 
 def test_iw_nll_does_not_increase_with_k(trained_run):
-    config, vae, _ = run_folder.load_model(trained_run)
+    config, vae, _ = checkpoints.load_model(trained_run)
     splits = data.load(config.dataset, image_size=28, seed=config.seed)
     train_ds = data.make_pipeline(splits.train, 28, 8, drop_remainder=False)
-    nll = np.array([evaluate.importance_weighted_nll(vae, train_ds, k)[:2] for k in (1, 10, 100)])
+    nll = np.array([evaluation.importance_weighted_nll(vae, train_ds, k)[:2] for k in (1, 10, 100)])
     assert np.all(nll[0] >= nll[1]) and np.all(nll[1] >= nll[2]), nll  # density and 8-bit values
 
 
@@ -92,17 +59,25 @@ def test_evaluate_cli_writes_json_and_exports_samples(trained_run, capsys):
     # Both priors by default: the mixture, fitted first (10 components), gets its own FID.
     assert result['fid_domain_gmm'] >= 0 and result['fid_domain_gmm'] != result['fid_domain']
     assert result['gmm_components'] == 10
-    assert 0 <= result['classifier_test_accuracy'] <= 1
+    # Both feature networks by default, each with every distance under both priors.
+    for network in ('domain', 'vgg'):
+        assert 0 <= result[f'{network}_classifier_test_accuracy'] <= 1
+        for prior in ('', '_gmm', '_train_images'):
+            for distance in ('fid', 'kid', 'kid_std', 'precision', 'recall'):
+                assert np.isfinite(result[f'{distance}_{network}{prior}']), (distance, network, prior)
+            assert 0 <= result[f'precision_{network}{prior}'] <= 1
+            assert 0 <= result[f'recall_{network}{prior}'] <= 1
     # The reference of real images: the first 4 training images against the first 4 test
     # images, through the cached classifier's feature layer, by hand.
     import keras
-    classifier = keras.models.load_model(result['classifier'])
+    classifier = keras.models.load_model(result['domain_classifier'])
     features = keras.Model(classifier.input, classifier.get_layer('features').output)
     config = run_folder.read_config(trained_run)
     splits = data.load(config.dataset, image_size=28, seed=config.seed)
     train_x, test_x = (np.stack([x.numpy() for x in split.take(4)]) for split in (splits.train, splits.test))
-    want = evaluate.frechet_distance(*evaluate.feature_statistics(features(train_x).numpy()),
-                                     *evaluate.feature_statistics(features(test_x).numpy()))
+    want = features_module.frechet_distance(
+        *features_module.feature_statistics(features(train_x).numpy()),
+        *features_module.feature_statistics(features(test_x).numpy()))
     assert result['fid_domain_train_images'] == pytest.approx(want, rel=1e-4, abs=1e-6)
     out = capsys.readouterr().out
     assert 'fid_domain_gmm' in out and 'fitted a 10-component Gaussian mixture' in out
@@ -149,19 +124,19 @@ def test_compare_takes_its_models_from_the_registry():
 
 
 def test_active_units_of_a_constructed_encoder():
-    vae = models.VAE(28, 1, 6, losses.Gaussian())
+    vae = models.network_vae(28, 1, 6, losses.Gaussian())
     head = vae.encoder.get_layer('mu')
     kernel, bias = (w.numpy() for w in head.weights)
     kernel[:, [0, 3]] = 0.0  # mu_0 and mu_3 are their biases whatever the image: inactive
     kernel[:, [1, 2, 4, 5]] *= 50.0
     head.set_weights([kernel, bias])
     images = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1)).astype(np.uint8)
-    config = run_folder.Config(z_dim=6, channels=1)
-    means, _ = run_folder.encode_images(vae, images, len(images), config)
+    config = settings.Config(z_dim=6, channels=1)
+    means, _ = models.encode_images(vae, images, len(images), config)
     assert np.var(means, axis=0)[[0, 3]].max() < 1e-10 and np.var(means, axis=0)[[1, 2, 4, 5]].min() > 0.01
-    assert evaluate.active_units(means) == 4
+    assert evaluation.active_units(means) == 4
     # The threshold is Burda et al.'s 0.01, strict.
-    assert evaluate.active_units(np.array([[0.0, 0.0], [0.19, 0.21]])) == 1  # variances 0.009, 0.011
+    assert evaluation.active_units(np.array([[0.0, 0.0], [0.19, 0.21]])) == 1  # variances 0.009, 0.011
 
 
 def test_a_beta_of_one_is_the_gaussian_run_not_a_second_one():

@@ -13,9 +13,10 @@ from PIL import Image
 
 import data
 import generate
-import models
 import run_folder
 from conftest import TINY, run
+import checkpoints
+import priors
 
 Z_DIM = 4  # TINY's
 
@@ -27,7 +28,7 @@ def trained(image_folder, tmp_path_factory):
     assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', 'g',
                 '--model', 'sigma', '--max_steps', '3'] + TINY) == 0
     run_dir = str(out / 'g')
-    config, vae, state = run_folder.load_model(run_dir)
+    config, vae, state = checkpoints.load_model(run_dir)
     return run_dir, config, vae, state
 
 
@@ -224,7 +225,7 @@ def test_mixture_samples_have_the_mean_and_covariance_of_the_fitted_means():
     true_means = np.array([[0, 0, 0], [6, 0, 2], [0, -6, 4]], float)
     points = np.concatenate([rng.multivariate_normal(m, np.diag([1.0, 0.5, 2.0]) + 0.3, 2000)
                              for m in true_means])
-    gmm = models.fit_gmm(points, 3, seed=0)
+    gmm = priors.fit_gmm(points, 3, seed=0)
     # The three clusters are recovered (they are far apart) ...
     nearest = [np.argmin(np.linalg.norm(gmm['means'] - m, axis=1)) for m in true_means]
     np.testing.assert_allclose(gmm['means'][nearest], true_means, atol=0.15)
@@ -232,7 +233,7 @@ def test_mixture_samples_have_the_mean_and_covariance_of_the_fitted_means():
     # ... and draws from the mixture have the points' mean and covariance, within a few
     # standard errors of N draws (which EM's moment matching leaves as the only difference).
     n = 200000
-    draws = models.sample_gmm(gmm, n, seed=1)
+    draws = priors.sample_gmm(gmm, n, seed=1)
     assert draws.shape == (n, 3)
     se_mean = draws.std(0) / np.sqrt(n)
     assert np.all(np.abs(draws.mean(0) - points.mean(0)) < 4 * se_mean)
@@ -241,7 +242,7 @@ def test_mixture_samples_have_the_mean_and_covariance_of_the_fitted_means():
     se_cov = products.std(0) / np.sqrt(n)
     assert np.all(np.abs(np.cov(draws, rowvar=False) - np.cov(points, rowvar=False, bias=True))
                   < 4 * se_cov + 1e-6)
-    np.testing.assert_array_equal(draws, models.sample_gmm(gmm, n, seed=1))  # by seed
+    np.testing.assert_array_equal(draws, priors.sample_gmm(gmm, n, seed=1))  # by seed
 
 
 # ---- the SavedModel ------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_saved_model_round_trip_in_a_fresh_process(trained, image_folder, tmp_pa
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     proc = subprocess.run([sys.executable, '-c', FRESH_PROCESS, str(model_dir),
                            str(tmp_path / 'given.npz'), str(tmp_path / 'out.npz')],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(tmp_path / 'out.npz')
     assert got['project'].size == 0  # only TensorFlow and NumPy were imported
@@ -378,7 +379,7 @@ def hierarchical(image_folder, tmp_path_factory):
                 '--model', 'optimal', '--arch', 'hierarchical', '--width', '4',
                 '--max_steps', '2'] + TINY) == 0
     run_dir = str(out / 'h')
-    config, vae, state = run_folder.load_model(run_dir)
+    config, vae, state = checkpoints.load_model(run_dir)
     return run_dir, config, vae, state
 
 
@@ -393,7 +394,7 @@ def test_every_command_on_a_hierarchical_run(hierarchical, image_folder, tmp_pat
         gmm = {k: f[k] for k in f.files}
     assert gmm['means'].shape == (2, Z_DIM)
     z = tf.random.stateless_normal((5, total), seed=[3, 2]).numpy()
-    z[:, :Z_DIM] = models.sample_gmm(gmm, 5, seed=3)
+    z[:, :Z_DIM] = priors.sample_gmm(gmm, 5, seed=3)
     assert_close_uint8(np.load(tmp_path / 'g.npz')['images'], reference_decode(vae, z))
     # encode: the mean path's (mu, log_var) of all groups; reconstruct decodes its mu.
     files = folder_files(image_folder)[:6]
@@ -422,7 +423,7 @@ def test_every_command_on_a_hierarchical_run(hierarchical, image_folder, tmp_pat
     assert gen('export', '--run', run_dir, '--out', tmp_path / 'saved') == 0
     proc = subprocess.run([sys.executable, '-c', FRESH_PROCESS, str(tmp_path / 'saved'),
                            str(tmp_path / 'given.npz'), str(tmp_path / 'out.npz')],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(tmp_path / 'out.npz')
     np.testing.assert_allclose(got['mu'], mu, atol=1e-5)

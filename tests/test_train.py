@@ -15,6 +15,9 @@ import losses
 import run_folder
 import train
 from conftest import TINY, run
+import checkpoints
+import priors
+import trainer as training
 
 
 def test_train_writes_everything_then_resumes(image_folder, tmp_path, capsys):
@@ -103,8 +106,9 @@ def test_both_ranges_round_trip_pixels(data_range, low, high):
 
 
 def test_log_scale_of_each_range():
-    assert data.log_scale('-1,1') == pytest.approx(math.log(127.5))
-    assert data.log_scale('0,1') == pytest.approx(math.log(255.0))
+    for data_range, scale in (('-1,1', 127.5), ('0,1', 255.0)):
+        likelihood = losses.Gaussian(data.DATA_RANGES[data_range])
+        assert likelihood.log_data_scale == pytest.approx(math.log(scale))
 
 
 @pytest.mark.parametrize('data_range', ['-1,1', '0,1'])
@@ -148,7 +152,7 @@ def _trained_to(image_folder, tmp_path, steps):
 def test_a_metric_added_later_resumes_a_checkpoint_written_without_it(
         image_folder, tmp_path, monkeypatch, capsys):
     args, config = _trained_to(image_folder, tmp_path, 5)  # an epoch is 5 steps
-    trainer = train.Trainer(config)
+    trainer = training.Trainer(config)
     trainer.restore()
     x = tf.random.stateless_uniform((8, 28, 28, 1), [0, 0], -1.0, 1.0)
     for _ in range(2):
@@ -162,7 +166,7 @@ def test_a_metric_added_later_resumes_a_checkpoint_written_without_it(
     monkeypatch.setattr(losses, 'METRICS', losses.METRICS + ('rec_twice',))
     monkeypatch.setattr(losses, 'summarize', lambda rec, *a: {
         **summarize(rec, *a), 'rec_twice': 2 * rec})
-    trainer = train.Trainer(config)
+    trainer = training.Trainer(config)
     assert trainer.restore() == ckpt  # not set aside as damaged
     for k, (total, count) in saved.items():
         np.testing.assert_array_equal(trainer.train_sums[k].numpy(), [total, count])
@@ -180,7 +184,7 @@ def test_a_metric_added_later_resumes_a_checkpoint_written_without_it(
 
 def test_a_checkpoint_with_the_sums_as_one_vector_restores_them_by_name(image_folder, tmp_path):
     _, config = _trained_to(image_folder, tmp_path, 7)
-    trainer = train.Trainer(config)
+    trainer = training.Trainer(config)
     trainer.restore()
     # The layout before metrics by name: one vector in the order of LEGACY_METRICS and a count.
     vector = tf.Variable([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=tf.float64)
@@ -188,18 +192,18 @@ def test_a_checkpoint_with_the_sums_as_one_vector_restores_them_by_name(image_fo
                                  train_count=tf.Variable(4, dtype=tf.int64),
                                  prior_z=tf.Variable(tf.zeros((100, 4))))
     path = legacy.write(str(tmp_path / 'legacy' / 'ckpt-7'))
-    fresh = train.Trainer(config)
+    fresh = training.Trainer(config)
     fresh.checkpoints._restore_from(path)
-    for value, name in zip([1, 2, 3, 4, 5, 6], run_folder.LEGACY_METRICS):
+    for value, name in zip([1, 2, 3, 4, 5, 6], checkpoints.LEGACY_METRICS):
         np.testing.assert_array_equal(fresh.train_sums[name].numpy(), [value, 4])
     assert int(fresh.step.numpy()) == 7
 
 
 def test_one_fixed_prior_z_per_run(image_folder, tmp_path):
     _, config = _trained_to(image_folder, tmp_path, 1)
-    trainer = train.Trainer(config)
+    trainer = training.Trainer(config)
     expected = tf.random.stateless_normal((1000, config.z_dim), seed=[config.seed, 2]).numpy()
     # Training's grid shows the first 100 of the z that evaluate.py decodes for its FID and
     # generate.py sample --seed <the run's seed> decodes.
     np.testing.assert_array_equal(trainer.prior_z, expected[:run_folder.NUM_SAMPLES])
-    np.testing.assert_array_equal(run_folder.prior_z(1000, config.z_dim, config.seed), expected)
+    np.testing.assert_array_equal(priors.prior_z(1000, config.z_dim, config.seed), expected)
