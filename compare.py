@@ -66,7 +66,7 @@ SHARED_FLAGS = ('output_dir', 'dataset', 'data_dir', 'data_range', 'epochs', 'ma
                 'batch_size', 'lr', 'image_size', 'z_dim', 'seed', 'arch', 'width', 'depth')
 DEFAULTS = {'output_dir': 'output/compare'}
 # The heuristics of deep VAEs, for the runs of --heuristics only.
-HEURISTIC_FLAGS = ('kl_warmup', 'free_bits', 'skip_threshold')
+HEURISTIC_FLAGS = settings.names(Config, settings.HEURISTICS)
 
 
 def make_parser():
@@ -80,8 +80,9 @@ def make_parser():
                    help='comma-separated KL weights: a beta-VAE (the gaussian model) for each, '
                         'and the rate-distortion and FID-against-beta figures')
     p.add_argument('--heuristics', default='',
-                   help='comma-separated models also trained with --kl_warmup, --free_bits and '
-                        '--skip_threshold (which no other run uses), as <model>_heuristics')
+                   help='comma-separated models also trained with ' + ', '.join(
+                       '--' + k for k in HEURISTIC_FLAGS) + ' (which no other run uses), as '
+                       '<model>_heuristics')
     settings.add_flags(p, Config, HEURISTIC_FLAGS)
     settings.add_flags(p, settings.Evaluation)
     return p
@@ -98,9 +99,13 @@ def parse_args(argv=None):
     if any(m not in decoders() for m in args.heuristics):
         parser.error(f'--heuristics must list models of {list(decoders())}, '
                      f'got {args.heuristics}')
-    if args.heuristics and all(getattr(args, k) is None for k in HEURISTIC_FLAGS):
-        parser.error('--heuristics needs at least one of --kl_warmup, --free_bits, '
-                     '--skip_threshold')
+    given = [k for k in HEURISTIC_FLAGS if getattr(args, k) is not None]
+    if given and not args.heuristics:  # no run would use them
+        parser.error(f'--{given[0]} applies to the runs of --heuristics only: give --heuristics '
+                     f'MODELS, or leave it out')
+    if args.heuristics and not given:
+        parser.error('--heuristics needs at least one of ' + ', '.join('--' + k for k in
+                                                                       HEURISTIC_FLAGS))
     try:
         args.beta_sweep = sorted({utils.positive(float)(b) for b in args.beta_sweep.split(',')
                                   if b.strip()})

@@ -95,7 +95,7 @@ def network_defaults():
 # ---- the declaration of a setting ----------------------------------------------------
 
 def setting(default, help, check=None, choices=None, resume=FREE, flags=None, required=False,
-            **argparse_kwargs):
+            group=None, **argparse_kwargs):
     """A field of a settings dataclass and its flag.
 
     check: text or value -> value, raising argparse.ArgumentTypeError (utils.number, ...): the
@@ -103,11 +103,20 @@ def setting(default, help, check=None, choices=None, resume=FREE, flags=None, re
     choices: a function -> the allowed values (made at each call: a registry may grow);
     resume: MODEL, OBJECTIVE, FREE or DERIVED (Config only);
     flags: the option strings (default: --<name>); None-valued DERIVED fields have none;
-    required: config.json files of every version hold it (a file without it is not one).
+    required: config.json files of every version hold it (a file without it is not one);
+    group: a name for settings that go together (HEURISTICS: compare.py's --heuristics runs).
     """
     return dataclasses.field(default=default, metadata=dict(
         help=help, check=check, choices=choices, resume=resume, flags=flags, required=required,
-        argparse=argparse_kwargs))
+        group=group, argparse=argparse_kwargs))
+
+
+HEURISTICS = 'heuristics'  # the heuristics of deep VAEs, off by default
+
+
+def names(cls, group):
+    """The names of the fields of `cls` in `group`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata['group'] == group)
 
 
 POSITIVE, POSITIVE_FLOAT = utils.positive(int), utils.positive(float)
@@ -174,14 +183,14 @@ class Config:
                           resume=OBJECTIVE)
     kl_warmup: Optional[int] = setting(
         None, 'ramp the KL weight linearly from 0 to --beta over the first STEPS steps',
-        POSITIVE, resume=OBJECTIVE, metavar='STEPS')
+        POSITIVE, resume=OBJECTIVE, group=HEURISTICS, metavar='STEPS')
     free_bits: Optional[float] = setting(
         None, 'count the KL of each latent group as max(NATS, its batch mean): no gradient on a '
-        'group below NATS', POSITIVE_FLOAT, resume=OBJECTIVE, metavar='NATS')
+        'group below NATS', POSITIVE_FLOAT, resume=OBJECTIVE, group=HEURISTICS, metavar='NATS')
     skip_threshold: Optional[float] = setting(
         None, 'skip the update of a step whose global gradient norm is above NORM (counted as '
         'skipped_updates in the metrics rows; docs/networks.md gives typical norms)',
-        POSITIVE_FLOAT, resume=OBJECTIVE, metavar='NORM')
+        POSITIVE_FLOAT, resume=OBJECTIVE, group=HEURISTICS, metavar='NORM')
     log_sigma_min: Optional[float] = setting(
         -6.0, "soft lower bound of every learned or optimal log sigma (and the logistic's log "
         "scale); 'none' turns it off", _number_or_none, resume=OBJECTIVE)

@@ -129,12 +129,13 @@ def log_importance_weights(nll, z, mu, log_var):
     return -nll + log_normal(z, tf.zeros_like(z), tf.zeros_like(z)) - log_normal(z, mu, log_var)
 
 
-def bits_per_dim(nats, num_values, log_scale=math.log(127.5)):
+def bits_per_dim(nats, num_values, log_scale):
     """Nats per image of a density on the data scale -> bits per value on the 0-255 scale.
 
     Mapping [-1, 1] to [0, 255] multiplies by 127.5, which divides the density
-    by 127.5 per value: (nats + D ln 127.5) / (D ln 2). For data in [0, 1] pass
-    log_scale = ln 255. A probability of 8-bit values needs no shift: log_scale = 0.
+    by 127.5 per value: (nats + D ln 127.5) / (D ln 2); log_scale is the likelihood's
+    log_data_scale (ln 127.5 for [-1, 1], ln 255 for [0, 1]). A probability of 8-bit values
+    needs no shift: log_scale = 0.
     """
     return (nats + num_values * log_scale) / (num_values * math.log(2.0))
 

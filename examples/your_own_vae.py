@@ -64,7 +64,7 @@ def main(argv=None):
     decoder = make_decoder(size, splits.channels, args.z_dim)
 
     likelihood = losses.DECODERS['optimal']()  # sigma-VAE: N(x_hat, sigma*^2), sigma* the batch RMSE
-    vae = models.FitVAE(encoder, decoder, likelihood, seed=args.seed)  # sigma-VAE
+    vae = models.VAE(encoder, decoder, likelihood, seed=args.seed)  # sigma-VAE
     vae.compile(keras.optimizers.Adam(args.lr))
     start = time.time()
     vae.fit(train_ds, epochs=1, steps_per_epoch=args.steps, verbose=2)

@@ -1,5 +1,7 @@
+import json
 import os
 import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +22,39 @@ def pytest_configure(config):
 
 
 TINY = ['--batch_size', '8', '--z_dim', '4', '--sample_every', '2', '--seed', '1']
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trained_run(out, image_folder, name, *argv):
+    """out/name: a run of train.py on the shared image folder with the TINY settings and argv."""
+    assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', name,
+                *argv] + TINY) == 0
+    return out / name
+
+
+# The start of a script that sees two logical CPUs: they must be set before TensorFlow starts,
+# so such a script runs in a fresh process (on_two_cpus). ONE is the default strategy, MIRRORED
+# one over both CPUs (one for all: collectives of several MirroredStrategy objects collide).
+TWO_CPUS = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+ONE, MIRRORED = tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+'''
+
+
+def on_two_cpus(script, out, *argv):
+    """Runs TWO_CPUS + script in a fresh Python with sys.argv[1:] = [the project, out, *argv];
+    returns the JSON the script writes to out/result.json."""
+    proc = subprocess.run([sys.executable, '-c', TWO_CPUS + script, REPO, str(out), *argv],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, 'result.json')) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope='session')

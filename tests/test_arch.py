@@ -12,6 +12,7 @@ import losses
 import models
 import run_folder
 import train
+from conftest import on_two_cpus
 from utils import UsageError
 import checkpoints
 import config as settings
@@ -311,20 +312,13 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, arch):
     assert int(second.skipped_updates.numpy()) == int(whole.skipped_updates.numpy()) == 0
 
 
-# Runs in a fresh process: logical devices must be set before TensorFlow starts.
+# Runs on two logical CPUs (conftest.on_two_cpus).
 MIRRORED_HEURISTICS = r'''
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-import tensorflow as tf
-cpu = tf.config.list_physical_devices('CPU')[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-import numpy as np
 import config as settings
 import trainer as training
 
 x = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype('float32')
-mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+mirrored = MIRRORED
 result = []
 for arch, name, strategy, threshold in (
         ('resnet', 'one', tf.distribute.get_strategy(), 1e9), ('resnet', 'two', mirrored, 1e9),
@@ -353,13 +347,7 @@ json.dump(result, open(os.path.join(sys.argv[2], 'result.json'), 'w'))
 def test_the_heuristics_on_two_replicas_equal_one_device(tmp_path):
     """kl_warmup, free_bits and skip_threshold under MirroredStrategy: the step of one device
     (the free-bits test and the gradient norm are the global batch's), and a skip is a skip."""
-    import subprocess
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, '-c', MIRRORED_HEURISTICS, repo, str(tmp_path)],
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.load(open(tmp_path / 'result.json'))
+    results = on_two_cpus(MIRRORED_HEURISTICS, tmp_path)
     for one, two in (results[:2], results[3:]):  # resnet, hierarchical (its free bits per group)
         assert two['loss'] == pytest.approx(one['loss'], rel=1e-4)
         assert one['skipped'] == two['skipped'] == 0

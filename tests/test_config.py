@@ -87,3 +87,10 @@ def test_resume_refuses_model_settings_and_says_objective_ones():
     for key, value in (('z_dim', 8), ('arch', 'resnet'), ('seed', 3), ('channels', 3)):
         with pytest.raises(UsageError, match=f'--{key}'):
             settings.resume_changes(saved, dataclasses.replace(saved, **{key: value}))
+
+
+def test_readme_layout_names_every_module():
+    readme = open(os.path.join(REPO, 'README.md'), encoding='utf-8').read()
+    table = readme[readme.index('## Layout'):readme.index('## More')]
+    modules = sorted(f for f in os.listdir(REPO) if f.endswith('.py'))
+    assert [m for m in modules if f'| `{m}` |' not in table] == []

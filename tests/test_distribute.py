@@ -10,28 +10,20 @@ import pytest
 import tensorflow as tf
 
 import losses
-from conftest import TINY, run
+from conftest import TINY, on_two_cpus, run
 import config as settings
 import trainer as training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs in a fresh process: logical devices must be set before TensorFlow starts.
+# Runs on two logical CPUs (conftest.on_two_cpus).
 MIRRORED_CHECK = r'''
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-import tensorflow as tf
-cpu = tf.config.list_physical_devices('CPU')[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-import numpy as np
 import config as settings
 import trainer as training
 
 x = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype('float32')
 result = {}
-# One strategy for all: collectives of several MirroredStrategy objects in one process collide.
-mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+mirrored = MIRRORED
 for model in sys.argv[3].split(','):
     runs = []
     for strategy in (tf.distribute.get_strategy(), mirrored):
@@ -62,11 +54,7 @@ json.dump(result, open(os.path.join(sys.argv[2], 'result.json'), 'w'))
 @pytest.fixture(scope='module')
 def mirrored_vs_one_device(tmp_path_factory):
     out = tmp_path_factory.mktemp('mirrored')
-    proc = subprocess.run([sys.executable, '-c', MIRRORED_CHECK, REPO, str(out),
-                           ','.join(losses.DECODERS)],
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.load(open(out / 'result.json'))
+    return on_two_cpus(MIRRORED_CHECK, out, ','.join(losses.DECODERS))
 
 
 @pytest.mark.parametrize('model', list(losses.DECODERS))

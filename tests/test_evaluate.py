@@ -14,7 +14,7 @@ import evaluate
 import losses
 import models
 import run_folder
-from conftest import TINY, run
+from conftest import trained_run as tiny_run
 import checkpoints
 import config as settings
 import evaluation
@@ -34,10 +34,8 @@ def test_log_importance_weights_match_numpy():
 
 @pytest.fixture(scope='module')
 def trained_run(image_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp('runs')
-    assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', 'r',
-                '--model', 'optimal', '--max_steps', '3'] + TINY) == 0
-    return str(out / 'r')
+    return str(tiny_run(tmp_path_factory.mktemp('runs'), image_folder, 'r', '--model',
+                        'optimal', '--max_steps', '3'))
 
 
 def test_iw_nll_does_not_increase_with_k(trained_run):

@@ -1,10 +1,8 @@
 """losses.vae_loss, the one step loss of both drivers: training.Trainer and Keras' fit (models.FitVAE)."""
 import ast
-import json
 import math
 import os
 import re
-import subprocess
 import sys
 
 import keras
@@ -15,6 +13,7 @@ import tensorflow as tf
 import losses
 import models
 import config as settings
+from conftest import on_two_cpus
 import trainer as training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +115,7 @@ def test_evaluate_reports_the_test_elbo_and_bits_per_dim(tmp_path):
     # Per-image means over all 20 images (the short last batch weighted by its 4), from test_terms.
     params, mu, log_var = vae(x, None)
     assert test['bits_per_dim'] == pytest.approx(
-        losses.bits_per_dim(test['neg_elbo'], 784), rel=1e-6)
+        losses.bits_per_dim(test['neg_elbo'], 784, math.log(127.5)), rel=1e-6)
     assert np.isfinite(test['bits_per_dim_discrete'])
     assert test['log_sigma'] == pytest.approx(float(vae.likelihood.choose_log_sigma(x, params, False, None)),
                                               rel=1e-5)
@@ -128,21 +127,14 @@ def test_evaluate_reports_the_test_elbo_and_bits_per_dim(tmp_path):
     assert test['rec'] == pytest.approx(expected['test_rec'], rel=0.02)
 
 
-# Runs in a fresh process: logical devices must be set before TensorFlow starts.
+# Runs on two logical CPUs (conftest.on_two_cpus).
 MIRRORED_FIT = r'''
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-import tensorflow as tf
-cpu = tf.config.list_physical_devices('CPU')[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-import numpy as np
 import models
 import config as settings
 
 x = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype('float32')
 result = {}
-mirrored = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+mirrored = MIRRORED
 for model in sys.argv[3].split(','):
     runs = []
     for strategy in (tf.distribute.get_strategy(), mirrored):
@@ -171,10 +163,7 @@ MIRRORED_MODELS = ['mse', 'optimal', 'sigma']
 @pytest.fixture(scope='module')
 def mirrored_fit(tmp_path_factory):
     out = tmp_path_factory.mktemp('mirrored_fit')
-    proc = subprocess.run([sys.executable, '-c', MIRRORED_FIT, REPO, str(out),
-                           ','.join(MIRRORED_MODELS)], capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.load(open(out / 'result.json'))
+    return on_two_cpus(MIRRORED_FIT, out, ','.join(MIRRORED_MODELS))
 
 
 @pytest.mark.parametrize('model', MIRRORED_MODELS)

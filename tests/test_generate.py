@@ -14,7 +14,7 @@ from PIL import Image
 import data
 import generate
 import run_folder
-from conftest import TINY, run
+from conftest import TINY, run, trained_run
 import checkpoints
 import priors
 
@@ -24,10 +24,8 @@ Z_DIM = 4  # TINY's
 @pytest.fixture(scope='module')
 def trained(image_folder, tmp_path_factory):
     """A sigma run of 3 steps (grids at steps 2 and 3) and its checkpoint's VAE."""
-    out = tmp_path_factory.mktemp('gen')
-    assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', 'g',
-                '--model', 'sigma', '--max_steps', '3'] + TINY) == 0
-    run_dir = str(out / 'g')
+    run_dir = str(trained_run(tmp_path_factory.mktemp('gen'), image_folder, 'g', '--model',
+                              'sigma', '--max_steps', '3'))
     config, vae, state = checkpoints.load_model(run_dir)
     return run_dir, config, vae, state
 

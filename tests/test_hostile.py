@@ -19,7 +19,7 @@ import evaluate
 import generate
 import run_folder
 import utils
-from conftest import TINY, run
+from conftest import TINY, run, trained_run
 import checkpoints
 import evaluation
 import features
@@ -31,10 +31,8 @@ import trainer as training
 @pytest.fixture(scope='module')
 def trained(image_folder, tmp_path_factory):
     """A sigma run of 2 steps on the shared image folder."""
-    out = tmp_path_factory.mktemp('hostile')
-    assert run(['--dataset', image_folder, '--output_dir', str(out), '--experiment_name', 'h',
-                '--model', 'sigma', '--max_steps', '2'] + TINY) == 0
-    return str(out / 'h')
+    return str(trained_run(tmp_path_factory.mktemp('hostile'), image_folder, 'h', '--model',
+                           'sigma', '--max_steps', '2'))
 
 
 def one_error_line(capsys, prog):

@@ -133,10 +133,10 @@ def test_optimal_sigma_gradient_same_with_and_without_stop_gradient(log_sigma_mi
 
 def test_bits_per_dim_closed_form():
     # A uniform density on [-1, 1]^D has -log p = D ln 2; on [0, 255] it is log2(255) bits a value.
-    assert losses.bits_per_dim(D * math.log(2.0), D) == pytest.approx(math.log2(255.0))
+    assert losses.bits_per_dim(D * math.log(2.0), D, math.log(127.5)) == pytest.approx(math.log2(255.0))
     # On [0, 1] the same uniform density has -log p = 0: again log2(255) bits on 0..255.
     assert losses.bits_per_dim(0.0, D, math.log(255.0)) == pytest.approx(math.log2(255.0))
-    assert losses.bits_per_dim(-100.0, 784) == pytest.approx(
+    assert losses.bits_per_dim(-100.0, 784, math.log(127.5)) == pytest.approx(
         (-100 + 784 * math.log(127.5)) / (784 * math.log(2)))
 
 
