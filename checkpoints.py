@@ -329,11 +329,18 @@ def load_model(run_dir, batch_norm=True):
     vae = models.make_vae(config)
     state = types.SimpleNamespace(step=tf.Variable(0, dtype=tf.int64),
                                   train_seconds=tf.Variable(0.0, dtype=tf.float64))
-    checkpoints = Checkpoints(run_dir, dict(vae=vae, step=state.step,
-                                            train_seconds=state.train_seconds))
-    state.path = checkpoints.restore(write=False)
+    restored = dict(vae=vae, step=state.step, train_seconds=state.train_seconds)
+    if config.ema is not None:  # the average is the optimizer's
+        restored['optimizer'] = models.make_optimizer(config)
+        restored['optimizer'].build(vae.trainable_variables)
+    state.path = Checkpoints(run_dir, restored).restore(write=False)
     if not state.path:
         raise UsageError(f'{run_dir} has no checkpoint')
+    if config.ema is not None:
+        inner = restored['optimizer']
+        getattr(inner, 'inner_optimizer', inner).finalize_variable_values(vae.trainable_variables)
+        print(f'{run_dir}: the moving average of the weights (--ema {config.ema}) of '
+              f'{os.path.basename(state.path)}', flush=True)
     state.splits = data.load_run_data(config, config.data_fingerprint, config.channels)
     if state.splits.fingerprint != config.data_fingerprint:
         raise UsageError(settings.data_changed(run_dir, config.dataset, config.data_fingerprint,

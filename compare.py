@@ -63,7 +63,8 @@ def decoders():
 # train.py's flags that a comparison shares across its runs (Config fields), and its defaults
 # where they differ from train.py's.
 SHARED_FLAGS = ('output_dir', 'dataset', 'data_dir', 'data_range', 'epochs', 'max_steps',
-                'batch_size', 'lr', 'image_size', 'z_dim', 'seed', 'arch', 'width', 'depth')
+                'batch_size', 'lr', 'image_size', 'z_dim', 'seed', 'arch', 'width', 'depth',
+                'posterior', 'ema')
 DEFAULTS = {'output_dir': 'output/compare'}
 # The heuristics of deep VAEs, for the runs of --heuristics only.
 HEURISTIC_FLAGS = settings.names(Config, settings.HEURISTICS)

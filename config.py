@@ -157,6 +157,10 @@ class Config:
     depth: Optional[int] = setting(
         None, "residual blocks per level (default: the network's, see --arch; original has none)",
         POSITIVE, resume=MODEL)
+    posterior: Optional[str] = setting(
+        None, "hierarchical: the posterior of each lower group, 'z' (of z itself, VDVAE's; the "
+        "default) or 'residual' (relative to the prior, NVAE's; runs before it existed: a group "
+        "can close for free, docs/networks.md)", choices=lambda: ['z', 'residual'], resume=MODEL)
     dataset: str = setting(
         'svhn_cropped', 'tensorflow-datasets name (svhn_cropped, mnist, fashion_mnist, cifar10, '
         'celeb_a) or the path of a folder of PNG/JPEG images', resume=MODEL, required=True)
@@ -191,6 +195,10 @@ class Config:
         None, 'skip the update of a step whose global gradient norm is above NORM (counted as '
         'skipped_updates in the metrics rows; docs/networks.md gives typical norms)',
         POSITIVE_FLOAT, resume=OBJECTIVE, group=HEURISTICS, metavar='NORM')
+    ema: Optional[float] = setting(
+        None, 'keep an exponential moving average of the weights with this decay per step '
+        '(e.g. 0.999; VDVAE: 0.9999); the test metrics, grids, evaluate.py, generate.py and the '
+        'export use it', utils.number(float, 0.0, 0.999999999), resume=MODEL, metavar='DECAY')
     log_sigma_min: Optional[float] = setting(
         -6.0, "soft lower bound of every learned or optimal log sigma (and the logistic's log "
         "scale); 'none' turns it off", _number_or_none, resume=OBJECTIVE)
@@ -240,10 +248,13 @@ class Config:
                              f'would change its data; put the run folder elsewhere')
 
     def network(self):
-        """(width, depth) of the run's network, None resolved to its defaults."""
+        """{width, depth, posterior} of the run's network, None resolved to its defaults."""
         network = registry('networks', 'NETWORKS')[self.arch]
-        return (network.width if self.width is None else self.width,
-                network.depth if self.depth is None else self.depth)
+        return {k: getattr(network, k) if getattr(self, k) is None else getattr(self, k)
+                for k in NETWORK_SETTINGS}
+
+
+NETWORK_SETTINGS = ('width', 'depth', 'posterior')  # None: the network's own default
 
 
 # ---- what an evaluation measures -----------------------------------------------------
@@ -329,8 +340,10 @@ def check_values(settings, name=lambda key: f'--{key}'):
             except argparse.ArgumentTypeError as e:
                 raise UsageError(f'{name(field.name)} {e}') from None
     if isinstance(settings, Config):
-        if settings.depth is not None and registry('networks', 'NETWORKS')[settings.arch].depth is None:
-            raise UsageError(f'--arch {settings.arch} has no {name("depth")} (its levels are fixed)')
+        network = registry('networks', 'NETWORKS')[settings.arch]
+        for key, why in (('depth', 'its levels are fixed'), ('posterior', 'one latent group')):
+            if getattr(settings, key) is not None and getattr(network, key) is None:
+                raise UsageError(f'--arch {settings.arch} has no {name(key)} ({why})')
 
 
 def _has_type(value, annotation):
@@ -356,6 +369,8 @@ def config_from_dict(saved, path):
         raise UsageError(f'{path} was written by a version of train.py before the decoder registry '
                          f'(commit b09f93c or older); this version does not read its runs: train it '
                          f'again in a new folder, or use that version')
+    if 'posterior' not in saved and saved.get('arch') == 'hierarchical':
+        saved = {**saved, 'posterior': 'residual'}  # the one design before --posterior existed
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     for key, value in saved.items():
         if key not in fields:
@@ -380,16 +395,15 @@ def config_from_dict(saved, path):
 
 def resume_changes(saved, config):
     """The resume policy: UsageError if `config` differs from the run's `saved` Config in a MODEL
-    or DERIVED setting (width and depth compared as resolved: --width 64 resumes a run of
+    or DERIVED setting (the network's settings compared as resolved: --width 64 resumes a run of
     --arch original without --width); else the OBJECTIVE changes, as '--beta 1.0 -> 0.5'."""
     for field in dataclasses.fields(Config):
         key = field.name
         if field.metadata['resume'] not in (MODEL, DERIVED):
             continue
         before, now = getattr(saved, key), getattr(config, key)
-        if key in ('width', 'depth') and saved.arch == config.arch:
-            index = ('width', 'depth').index(key)
-            before, now = saved.network()[index], config.network()[index]
+        if key in NETWORK_SETTINGS and saved.arch == config.arch:
+            before, now = saved.network()[key], config.network()[key]
         if key == 'data_fingerprint' and before != now:
             raise UsageError(data_changed(config.run_dir, config.dataset, before, now))
         if before != now:

@@ -2,6 +2,7 @@
 with its objective and test metrics, and what the commands do with a run's VAE (make it, encode
 and decode in batches, recompute batch norm's statistics).
 """
+import contextlib
 import functools
 import math
 
@@ -235,22 +236,50 @@ def make_vae(config, sync_batch_norm=False):
                        losses.DECODERS[config.model](data.DATA_RANGES[config.data_range],
                                                      config.log_sigma_min),
                        config.data_range, config.arch, config.width, config.depth,
-                       sync_batch_norm, beta=config.beta, seed=config.seed,
+                       sync_batch_norm, config.posterior, beta=config.beta, seed=config.seed,
                        kl_warmup=config.kl_warmup, free_bits=config.free_bits)
 
 
 def network_vae(image_size, channels, z_dim, likelihood, data_range='-1,1', arch='original',
-                width=None, depth=None, sync_batch_norm=False, **objective):
-    """The VAE of a network of networks.NETWORKS (width, depth None: its defaults) for images of
+                width=None, depth=None, sync_batch_norm=False, posterior=None, **objective):
+    """The VAE of a network of networks.NETWORKS (width, depth, posterior None: its defaults) for images of
     image_size x image_size x channels in data_range, with `likelihood`; objective: VAE's beta,
     seed, kl_warmup, free_bits. sync_batch_norm: batch norm statistics over the global batch of
     all replicas."""
     network = networks.NETWORKS[arch]
     encoder, decoder = network.build(
         image_size, channels, z_dim, likelihood.params_per_value,
-        networks.OUTPUT_ACTIVATIONS[data_range], sync_batch_norm, width, depth)
+        networks.OUTPUT_ACTIVATIONS[data_range], sync_batch_norm, width, depth, posterior)
     return VAE(encoder, decoder, likelihood,
                groups=network.groups(image_size, z_dim, width, depth), **objective)
+
+
+def make_optimizer(config):
+    """Adam of a run's Config: its --lr, an exponential moving average of the weights with
+    --ema (Keras': the optimizer keeps it), loss scaling under float16 (bfloat16 has float32's
+    range: none)."""
+    optimizer = keras.optimizers.Adam(config.lr, use_ema=config.ema is not None,
+                                      ema_momentum=0.99 if config.ema is None else config.ema)
+    if config.mixed_precision == 'float16':
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+@contextlib.contextmanager
+def averaged(vae, optimizer):
+    """Within the block, the VAE's trainable weights are the optimizer's moving average of them
+    (--ema); the weights trained are put back after it. Nothing changes without one."""
+    inner = getattr(optimizer, 'inner_optimizer', optimizer)
+    if not inner.use_ema:
+        yield
+        return
+    trained = [v.numpy() for v in vae.trainable_variables]
+    inner.finalize_variable_values(vae.trainable_variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(vae.trainable_variables, trained):
+            variable.assign(value)
 
 
 def latent_groups(config):

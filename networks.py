@@ -111,9 +111,10 @@ def make_decoder(image_size, channels, z_dim, activation='tanh', sync_batch_norm
 class Network:
     """An encoder and decoder of one kind (a NETWORKS entry), one latent z of z_dim.
 
-    width, depth: the defaults of --width and --depth; depth None: the network has no --depth.
+    width, depth, posterior: the defaults of --width, --depth and --posterior; None: the
+    network has no such setting (--depth: fixed levels; --posterior: no lower latent groups).
     """
-    width, depth = 64, None
+    width, depth, posterior = 64, None, None
 
     @classmethod
     def resolve(cls, width=None, depth=None):
@@ -134,8 +135,8 @@ class Network:
 
     @classmethod
     def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
-              sync_batch_norm=False, width=None, depth=None):
-        """-> (encoder, decoder) (see `forward`): an encoder (B, S, S, C) -> (mu, log_var),
+              sync_batch_norm=False, width=None, depth=None, posterior=None):
+        """-> (encoder, decoder) (see models.forward): an encoder (B, S, S, C) -> (mu, log_var),
         (B, Z) each, or (x, eps) -> (params, mu, log_var, ...); a decoder (B, Z) ->
         params (B, S, S, C * params_per_value), the mean through `activation` first; float32
         out, Z the sum of `groups`."""
@@ -147,7 +148,7 @@ class Original(Network):
 
     @classmethod
     def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
-              sync_batch_norm=False, width=None, depth=None):
+              sync_batch_norm=False, width=None, depth=None, posterior=None):
         width, _ = cls.resolve(width, depth)
         return (make_encoder(image_size, channels, z_dim, sync_batch_norm, width),
                 make_decoder(image_size, channels, z_dim, activation, sync_batch_norm,
@@ -185,7 +186,7 @@ class ResNet(Network):
 
     @classmethod
     def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
-              sync_batch_norm=False, width=None, depth=None):
+              sync_batch_norm=False, width=None, depth=None, posterior=None):
         width, depth = cls.resolve(width, depth)
         levels, base = ARCHITECTURES[image_size]
         filters = _filters(levels, width)
@@ -230,8 +231,16 @@ class Hierarchical(Network):
       bottom: prior conv 3x3 -> (mu_p, log sigma_p); z = mu_p + sigma_p u; h += conv 1x1 (z);
       `depth` residual blocks; deconv 3x3/2 (-> BN -> ReLU, all but the last, which gives
       C * params_per_value channels).
-    posterior: q(z_l | x, z_<l) = N(mu_p + sigma_p m, (sigma_p s)^2), (m, log s^2) from a conv
-      3x3 of [h, the level's features], starting at 0 (q = p).
+    posterior (--posterior): a conv 3x3 of [h, the level's features], starting at 0, gives
+      'z' (the default): (mu_q, log sigma_q^2) of z itself (VDVAE), the prior conv starting at
+        0 too (q = p = N(0, I) at the start); in u: m = (mu_q - mu_p) / sigma_p,
+        log s^2 = log sigma_q^2 - 2 log sigma_p;
+      'residual' (NVAE's; runs before this version): (m, log s^2) relative to the prior,
+        q(z_l | x, z_<l) = N(mu_p + sigma_p m, (sigma_p s)^2), the prior conv starting at random
+        weights. Its KL, KL(N(m, s^2) || N(0, I)), does not depend on sigma_p, so the decoder
+        can mute a group for free by shrinking sigma_p, and does while q = p makes the group
+        pure noise: the 14x14 group's log sigma_p fell to -2.5 in 50 steps and the group never
+        opened (docs/networks.md). With q of z itself a sigma_p below sigma_q costs KL.
 
     The latent the rest of the tool sees is u = (u_top, u_1, ...), flattened, of the whitened
     groups u_l = (z_l - mu_p) / sigma_p. Under the prior every u_l is N(0, I) whatever the
@@ -243,8 +252,9 @@ class Hierarchical(Network):
     output with them (the posterior of each group needs the top-down path above it), and
     the prior's (mu_p, 2 log sigma_p) of the path (0 for the top group).
     """
-    width, depth = 32, 1
+    width, depth, posterior = 32, 1, 'z'
     latent_channels = 4
+    POSTERIORS = ('z', 'residual')
 
     @classmethod
     def groups(cls, image_size, z_dim, width=None, depth=None):
@@ -253,8 +263,9 @@ class Hierarchical(Network):
 
     @classmethod
     def build(cls, image_size, channels, z_dim, params_per_value=1, activation='tanh',
-              sync_batch_norm=False, width=None, depth=None):
+              sync_batch_norm=False, width=None, depth=None, posterior=None):
         width, depth = cls.resolve(width, depth)
+        of_z = (posterior or cls.posterior) == 'z'
         levels, base = ARCHITECTURES[image_size]
         filters = _filters(levels, width)  # level l: (image_size / 2^(l+1))^2 x filters[l]
         sizes = cls.groups(image_size, z_dim)
@@ -263,7 +274,8 @@ class Hierarchical(Network):
 
         # The top-down layers, made once: both paths call them.
         top = layers.Dense(base * base * filters[-1], activation='relu')
-        prior = [layers.Conv2D(2 * c, 3, padding='same', dtype='float32', name=f'prior_{l}')
+        prior = [layers.Conv2D(2 * c, 3, padding='same', dtype='float32', name=f'prior_{l}',
+                               kernel_initializer='zeros' if of_z else 'glorot_uniform')
                  for l in range(levels)]
         posterior = [layers.Conv2D(2 * c, 3, padding='same', dtype='float32',
                                    kernel_initializer='zeros', name=f'posterior_{l}')
@@ -277,13 +289,13 @@ class Hierarchical(Network):
         head = OutputHead(channels, activation)
 
         def top_down(u_top, group):
-            """u_top (B, z_dim) and group(l, h) -> u_l (B, r, r, c) -> (decoder output, the
-            prior's (mu_p, log var_p) of each level)."""
+            """u_top (B, z_dim) and group(l, h, mu_p, log_sigma_p) -> z_l (B, r, r, c) ->
+            (decoder output, the prior's (mu_p, log var_p) of each level)."""
             h = keras.ops.reshape(top(u_top), (-1, base, base, filters[-1]))
             priors = []
             for l in reversed(range(levels)):
                 mu_p, log_sigma_p = keras.ops.split(prior[l](h), 2, axis=-1)
-                z = mu_p + keras.ops.exp(log_sigma_p) * group(l, h)
+                z = group(l, h, mu_p, log_sigma_p)
                 h = layers.Add()([h, project[l](z)])
                 for block in blocks[l]:
                     h = block(h)
@@ -313,11 +325,17 @@ class Hierarchical(Network):
         mu_top, log_var_top = _latent_heads(layers.Flatten()(x), z_dim)
         q = {}
 
-        def sample_posterior(l, h):
-            m, log_s2 = keras.ops.split(
-                posterior[l](layers.Concatenate()([h, features[l]])), 2, axis=-1)
-            q[l] = (m, log_s2)
-            return m + keras.ops.exp(0.5 * log_s2) * unflatten(eps, l)
+        def sample_posterior(l, h, mu_p, log_sigma_p):
+            a, b = keras.ops.split(posterior[l](layers.Concatenate()([h, features[l]])), 2,
+                                   axis=-1)
+            if not of_z:  # (m, log s^2) of u itself
+                q[l] = (a, b)
+                return mu_p + keras.ops.exp(log_sigma_p) * (
+                    a + keras.ops.exp(0.5 * b) * unflatten(eps, l))
+            # (mu_q, log sigma_q^2) of z, whitened for the rest of the tool; z is drawn without
+            # the prior, which cancels: the prior's gradient is then exactly the KL's
+            q[l] = ((a - mu_p) * keras.ops.exp(-log_sigma_p), b - 2.0 * log_sigma_p)
+            return a + keras.ops.exp(0.5 * b) * unflatten(eps, l)
 
         u_top = mu_top + keras.ops.exp(0.5 * log_var_top) * keras.ops.split(eps, offsets,
                                                                               axis=-1)[0]
@@ -333,7 +351,8 @@ class Hierarchical(Network):
 
         u = keras.Input((sum(sizes),))
         params, _ = top_down(keras.ops.split(u, offsets, axis=-1)[0],
-                             lambda l, h: unflatten(u, l))
+                             lambda l, h, mu_p, log_sigma_p:
+                             mu_p + keras.ops.exp(log_sigma_p) * unflatten(u, l))
         decoder = keras.Model(u, params, name='decoder')
         return encoder, decoder
 

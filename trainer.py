@@ -103,9 +103,7 @@ class Trainer:
         keras.utils.set_random_seed(config.seed)
         with self.strategy.scope():
             self.vae = models.make_vae(config, self.strategy.num_replicas_in_sync > 1)
-            self.optimizer = keras.optimizers.Adam(config.lr)
-            if config.mixed_precision == 'float16':  # bfloat16 has float32's range: no scaling
-                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+            self.optimizer = models.make_optimizer(config)
             self.optimizer.build(self.vae.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
@@ -222,9 +220,10 @@ class Trainer:
         folder = os.path.join(self.config.run_dir, run_folder.IMAGES)
         os.makedirs(folder, exist_ok=True)
         data_range = self.config.data_range
-        samples = data.to_uint8(self.vae.decode(self.prior_z), data_range)
-        pairs = utils.side_by_side(data.to_uint8(recon_inputs, data_range),
-                                   data.to_uint8(self.vae.reconstruct(recon_inputs), data_range))
+        with models.averaged(self.vae, self.optimizer):  # with --ema, the weights' average
+            samples = data.to_uint8(self.vae.decode(self.prior_z), data_range)
+            recons = data.to_uint8(self.vae.reconstruct(recon_inputs), data_range)
+        pairs = utils.side_by_side(data.to_uint8(recon_inputs, data_range), recons)
         for name, images in (('samples', samples), ('reconstructions', pairs)):
             grid = utils.image_grid(images, 10, 10)
             utils.save_png(os.path.join(folder, f'{name}_{step:08d}.png'), grid)
@@ -398,8 +397,9 @@ class Loop:
               f'{splits.channels} channel(s) at {config.image_size}x{config.image_size}; '
               f'{self.steps_per_epoch} steps per epoch; model {config.model}, '
               f'{trainer.vae.count_params()} parameters; '
-              f'{trainer.strategy.num_replicas_in_sync} replica(s); run folder {config.run_dir}',
-              flush=True)
+              f'{trainer.strategy.num_replicas_in_sync} replica(s); run folder {config.run_dir}'
+              + (f'; the test metrics and grids use the moving average of the weights (--ema '
+                 f'{config.ema})' if config.ema is not None else ''), flush=True)
         if restored:
             print(f'resumed from {restored} at step {step}, epoch '
                   f'{step / self.steps_per_epoch:.2f}', flush=True)
@@ -449,7 +449,8 @@ class Loop:
             row.update({'train_' + k: v for k, v in trainer.train_means().items()})
             if self.config.skip_threshold is not None or int(trainer.skipped_updates.numpy()):
                 row['skipped_updates'] = int(trainer.skipped_updates.numpy())
-            row.update(trainer.vae.test_metrics(self.test_ds, self.config.seed))
+            with models.averaged(trainer.vae, trainer.optimizer):  # with --ema, the average
+                row.update(trainer.vae.test_metrics(self.test_ds, self.config.seed))
             for key, value in row.items():
                 if key.startswith('test_'):
                     tf.summary.scalar('test/' + key[5:], value, step=step)

@@ -1,0 +1,117 @@
+"""The deep sigma-VAE's tools: the posterior of the hierarchical network's lower groups, the
+moving average of the weights (--ema)."""
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoints
+import config as settings
+import losses
+import models
+import run_folder
+import trainer as training
+from conftest import run, trained_run
+
+TINY_NET = dict(width=4, depth=1)
+
+
+def _trainer(tmp_path, name, **kwargs):
+    config = settings.Config(model='optimal', batch_size=8, z_dim=4, seed=3, channels=1,
+                             output_dir=str(tmp_path), experiment_name=name, **kwargs)
+    config.check()
+    return training.Trainer(config)
+
+
+def _batch(seed):
+    return tf.constant(np.random.default_rng(seed).uniform(-1, 1, (8, 28, 28, 1)), tf.float32)
+
+
+# ---- the posterior of the lower groups ------------------------------------------------------
+
+def test_a_new_hierarchical_network_starts_with_every_lower_group_at_the_prior():
+    # posterior 'z': the prior and the posterior convolutions start at 0, so q = p = N(0, I)
+    # in every lower group: their KL is 0 exactly, whatever the image.
+    vae = models.network_vae(28, 1, 3, losses.Gaussian(), arch='hierarchical', **TINY_NET)
+    x = tf.constant(np.random.default_rng(1).uniform(-1, 1, (4, 28, 28, 1)), tf.float32)
+    _, m, log_s2, mu_p, log_var_p = vae.encoder([x, tf.zeros((4, vae.z_dim))])
+    lower = slice(vae.groups[0], None)
+    for t in (m, log_s2, mu_p, log_var_p):
+        assert np.all(t.numpy()[:, lower] == 0)
+    residual = models.network_vae(28, 1, 3, losses.Gaussian(), arch='hierarchical',
+                                  posterior='residual', **TINY_NET)
+    _, _, _, mu_p, _ = residual.encoder([x, tf.zeros((4, vae.z_dim))])
+    assert np.std(mu_p.numpy()[:, lower]) > 1e-3  # the earlier design: a random prior
+
+
+def test_a_hierarchical_config_json_written_before_the_setting_is_the_residual_design(tmp_path):
+    saved = {k: v for k, v in vars(settings.Config(arch='hierarchical', channels=1)).items()
+             if k not in ('posterior', 'ema')}
+    config = settings.config_from_dict(saved, 'config.json')
+    assert config.posterior == 'residual' and config.network()['posterior'] == 'residual'
+    assert settings.Config(arch='hierarchical').network()['posterior'] == 'z'
+    with pytest.raises(settings.UsageError, match='--posterior residual, not z'):
+        settings.resume_changes(config, settings.Config(arch='hierarchical', channels=1,
+                                                        experiment_name='r'))
+    with pytest.raises(settings.UsageError, match='--arch original has no --posterior'):
+        settings.Config(posterior='z').check()
+
+
+# ---- the moving average of the weights ------------------------------------------------------
+
+def test_the_average_is_numpys_moving_average_of_the_trained_weights(tmp_path):
+    decay = 0.7
+    trainer = _trainer(tmp_path, 'ema', arch='hierarchical', ema=decay, **TINY_NET)
+    average = None
+    for i in range(4):
+        trainer.train_step(_batch(i))
+        trained = [v.numpy().astype(np.float64) for v in trainer.vae.trainable_variables]
+        # The first step's average is its weights; then avg = decay avg + (1 - decay) w.
+        average = trained if average is None else [decay * a + (1 - decay) * w
+                                                   for a, w in zip(average, trained)]
+    with models.averaged(trainer.vae, trainer.optimizer):
+        for a, v in zip(average, trainer.vae.trainable_variables):
+            np.testing.assert_allclose(v.numpy(), a, rtol=1e-5, atol=1e-6)
+    for w, v in zip(trained, trainer.vae.trainable_variables):  # the trained weights are back
+        np.testing.assert_array_equal(v.numpy(), w.astype(np.float32))
+
+
+def test_a_resume_with_the_average_equals_an_uninterrupted_run(tmp_path):
+    options = dict(arch='hierarchical', ema=0.9, **TINY_NET)
+    batches = [_batch(i) for i in range(4)]
+    whole = _trainer(tmp_path, 'whole', **options)
+    for x in batches:
+        whole.train_step(x)
+    first = _trainer(tmp_path, 'parts', **options)
+    for x in batches[:2]:
+        first.train_step(x)
+    first.save()
+    second = _trainer(tmp_path, 'parts', **options)
+    assert second.restore()
+    for x in batches[2:]:
+        second.train_step(x)
+    for a, b in zip(whole.optimizer.variables, second.optimizer.variables):  # the average too
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(whole.vae.weights, second.vae.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_evaluation_and_generation_use_the_average_and_say_so(image_folder, tmp_path, capsys):
+    run_dir = trained_run(tmp_path, image_folder, 'e', '--ema', '0.5', '--max_steps', '3')
+    assert 'moving average of the weights (--ema 0.5)' in capsys.readouterr().out
+    config = run_folder.read_config(str(run_dir))
+    trainer = training.Trainer(config)
+    trainer.restore()
+    with models.averaged(trainer.vae, trainer.optimizer):
+        expected = [v.numpy() for v in trainer.vae.trainable_variables]
+    _, vae, _ = checkpoints.load_model(str(run_dir), batch_norm=False)
+    assert 'the moving average of the weights (--ema 0.5) of ckpt-3' in capsys.readouterr().out
+    for a, v in zip(expected, vae.trainable_variables):
+        np.testing.assert_array_equal(v.numpy(), a)
+    # A run's average is part of its model: another --ema is refused on resume.
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name',
+                'e', '--ema', '0.9', '--max_steps', '4', '--batch_size', '8', '--z_dim', '4',
+                '--sample_every', '2', '--seed', '1']) == 2
+    assert '--ema 0.5, not 0.9' in capsys.readouterr().err
+    assert json.load(open(run_dir / 'config.json'))['ema'] == 0.5
