@@ -119,6 +119,8 @@ def parse_args(argv=None):
             config.check()
         except UsageError as e:
             parser.error(str(e))
+    if args.inception_weights is not None:
+        utils.check_hdf5(args.inception_weights, '--inception_weights')
     args.evaluation = settings.from_flags(settings.Evaluation, args)
     return args
 
@@ -234,7 +236,12 @@ def compare(args):
             diverged = f'step {e.step}'
         result = previous_evaluation(config.run_dir, args, evaluation, checkpoints)
         worked += result is None
-        if result is None:
+        if result is None and not checkpoints.CheckpointFolder(
+                checkpoints.checkpoint_dir(config.run_dir)).complete:
+            # Diverged before its first checkpoint: a result without an evaluation.
+            print(f'[{i + 1}/{len(plan)}] {label}: no checkpoint to evaluate', flush=True)
+            result = {'run': config.run_dir, 'model': config.model, 'beta': config.beta}
+        elif result is None:
             print(f'[{i + 1}/{len(plan)}] {label}: evaluating', flush=True)
             result = evaluation.evaluate_run(config.run_dir, args.evaluation)
         else:
@@ -243,9 +250,9 @@ def compare(args):
         first = args.features.split(',')[0]  # the tables' FID columns: the first network's
         result['fid'] = result.get(f'fid_{first}')
         result['fid_gmm'] = result.get(f'fid_{first}_gmm')
+        rows = run_folder.read_metrics(config.run_dir)
         result.update(group_summary(result), diverged=diverged,
-                      skipped_updates=run_folder.read_metrics(config.run_dir)[-1]
-                      .get('skipped_updates', 0))
+                      skipped_updates=rows[-1].get('skipped_updates', 0) if rows else None)
         results.append({'name': label, 'sweep_beta': sweep_beta, **result})
     write_outputs(args, results)
     print(markdown_table(results))
@@ -309,18 +316,21 @@ def write_outputs(args, results):
                  + markdown_table(by_beta, SWEEP_COLUMNS))
     utils.write_text(os.path.join(out, 'results.md'), text)
     figure_rows, curves = [], []
-    for r in results:
+    evaluated = [r for r in results if 'step' in r]  # not diverged before a checkpoint
+    for r in evaluated:
         run_dir = r['run']
         grid = os.path.join(run_dir, run_folder.IMAGES, run_folder.EVALUATED + '{}_' + f"{r['step']:08d}.png")
         figure_rows.append((r['name'], [grid.format(PRIORS[p]) for p in PRIORS]))
         rows = [row for row in run_folder.read_metrics(run_dir) if 'test_bits_per_dim' in row]
         curves.append((r['name'], [row['step'] for row in rows],
                        [row['test_bits_per_dim'] for row in rows]))
+    if not evaluated:
+        return
     samples_figure(os.path.join(out, 'samples.png'), figure_rows,
                    ['prior N(0, I)', f'mixture prior ({components} components)'])
     bits_per_dim_plot(os.path.join(out, 'bits_per_dim.png'), curves, title)
-    if swept:
-        sweep_figures(out, results, title)
+    if any(r['sweep_beta'] is not None for r in evaluated):
+        sweep_figures(out, evaluated, title)
 
 
 def _pyplot():
@@ -359,6 +369,8 @@ def sweep_figures(out, results, title):
             'distortion: test MSE per value (z = μ)', f'Rate and distortion, {title}',
             os.path.join(out, 'rate_distortion.png'))
 
+    if any(r.get('fid') is None for r in results):  # no features, or no such prior
+        return
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
     betas = [r['sweep_beta'] for r in sweep]
     ax.plot(betas, [r['fid'] for r in sweep], 'o-', color='0.2', label='β-VAE, N(0, I) prior')

@@ -233,7 +233,20 @@ class Config:
         if self.experiment_name is None:
             self.experiment_name = self.model
         utils.check_name(self.experiment_name, '--experiment_name')
+        self.check_paths()
         self.check_outside_data()
+
+    def check_paths(self):
+        """UsageError, naming the flag and the path, for a folder the run cannot read or write:
+        an image folder (--dataset with a '/'), --data_dir, --output_dir."""
+        if os.sep in self.dataset:  # a folder of images, as data.load decides
+            utils.check_input(self.dataset, '--dataset', 'folder')
+        if self.data_dir is not None:
+            if os.path.exists(self.data_dir):
+                utils.check_input(self.data_dir, '--data_dir', 'folder')
+            else:  # tensorflow-datasets prepares data there
+                utils.check_output(self.data_dir, '--data_dir', 'folder')
+        utils.check_output(self.output_dir, '--output_dir', 'folder')
 
     def check_outside_data(self):
         """Raises UsageError if the run folder is inside the image folder of --dataset (real
@@ -288,6 +301,9 @@ class Evaluation:
         'domain,vgg', "the feature spaces of the sample quality (FID, KID, precision, recall): "
         "classifiers of the data set's labels (domain, vgg: two networks trained independently), "
         "InceptionV3 (inception), or none", _feature_list)
+    inception_weights: Optional[str] = setting(
+        None, "InceptionV3 no-top ImageNet weights (an .h5 file) for --features inception; "
+        "default: Keras downloads them (which needs internet)")
     components: Optional[int] = setting(
         None, 'components of the mixture prior; refit if the stored one has another number '
         f'(default: the stored one, or {GMM_COMPONENTS} for a new fit)', POSITIVE)

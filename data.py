@@ -10,7 +10,9 @@ import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
+import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -181,14 +183,26 @@ def list_images(folder):
     """(image files, other entries): the regular PNG/JPEG files under `folder`, sorted, and the
     entries with such a name that are not regular files (FIFOs, sockets, devices, broken links),
     which are never opened: reading a FIFO would wait forever."""
-    files, _, others = _list_sizes(folder)
-    return files, others
+    listing = _list(folder)
+    return listing.files, listing.others
 
 
-def _list_sizes(folder):
-    """list_images, with the size in bytes of each image file: (files, sizes, others)."""
-    found, others = [], []
-    for root, _, names in os.walk(folder):
+@dataclasses.dataclass
+class Listing:
+    """The image files under a folder, sorted, with their sizes and modification times; the
+    entries with an image's name that are not regular files (never opened); the files of 0
+    bytes (listed, but never images); the subfolders that could not be read."""
+    files: list
+    sizes: list
+    mtimes: list
+    others: list
+    empty: list
+    unreadable: list
+
+
+def _list(folder):
+    found, others, unreadable = [], [], []
+    for root, _, names in os.walk(folder, onerror=lambda e: unreadable.append(e.filename)):
         for name in names:
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 path = os.path.join(root, name)
@@ -198,11 +212,12 @@ def _list_sizes(folder):
                 except OSError:
                     regular = False
                 if regular:
-                    found.append((path, info.st_size))
+                    found.append((path, info.st_size, info.st_mtime_ns))
                 else:
                     others.append(path)
     found.sort()
-    return [p for p, _ in found], [n for _, n in found], sorted(others)
+    return Listing([p for p, _, _ in found], [n for _, n, _ in found], [t for _, _, t in found],
+                   sorted(others), [p for p, n, _ in found if n == 0], sorted(unreadable))
 
 
 class TooLarge(Exception):
@@ -246,17 +261,22 @@ def _read_image(path, mode, size):
         return e
 
 
-def _skip_warning(total, bad, others=()):
-    """The one warning line that counts skipped files: `bad` [(path, exception)] that did not
-    decode (TooLarge among them), `others` entries that are not regular files."""
+def _skip_warning(total, bad=(), others=(), empty=(), unreadable=()):
+    """The one warning line that counts what is skipped: `bad` [(path, exception)] that did not
+    decode (TooLarge among them), `others` entries that are not regular files, `empty` files of
+    0 bytes, `unreadable` subfolders (their files are not listed)."""
     large = [(p, r) for p, r in bad if isinstance(r, TooLarge)]
     broken = [(p, r) for p, r in bad if not isinstance(r, TooLarge)]
     kinds = [f'{len(broken)} that could not be read, e.g. {broken[0][0]} '
              f'({type(broken[0][1]).__name__}: {broken[0][1]})' if broken else '',
              f'{len(large)} too large, e.g. {large[0][0]} ({large[0][1]})' if large else '',
+             f'{len(empty)} of 0 bytes, e.g. {empty[0]}' if empty else '',
              f'{len(others)} that are not regular files, e.g. {others[0]}' if others else '']
-    print(f'warning: skipped {len(bad) + len(others)} of {total} image '
-          f'files: ' + '; '.join(k for k in kinds if k), file=sys.stderr)
+    files = (f'skipped {len(bad) + len(others) + len(empty)} of {total} image files: '
+             + '; '.join(k for k in kinds if k)) if any(kinds) else ''
+    folders = (f"skipped {len(unreadable)} folder(s) that could not be read, with whatever images "
+               f"they hold: {', '.join(unreadable[:3])}" if unreadable else '')
+    print('warning: ' + '; '.join(s for s in (files, folders) if s), file=sys.stderr)
 
 
 def _read_files(files, mode, size, others=(), keep=True):
@@ -311,6 +331,7 @@ MEMORY_CACHE_BUDGET = 2 * 2 ** 30  # bytes of decoded images make_pipeline cache
 # A folder for make_pipeline's on-disk cache of the data sets too large for the memory budget.
 CACHE_DIR_ENV = 'SIGMA_VAE_DATA_CACHE'
 _skipped_paths = set()  # the files a streamed folder skipped (and warned of) in this process
+SKIPS_NAMED = 3  # unreadable files named one line each when a stream meets them; then counted
 
 
 def _spread(items, n):
@@ -320,10 +341,11 @@ def _spread(items, n):
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
-def _tag(ds, num_images, cache_name):
-    """Tells make_pipeline how many images `ds` yields at most (its memory budget) and the
-    name of its on-disk cache."""
+def _tag(ds, num_images, cache_name, identity):
+    """Tells make_pipeline how many images `ds` yields at most (its memory budget), the name of
+    its on-disk cache, and what decides the cache's content (checked when it is read)."""
     ds.sigma_vae_num_images, ds.sigma_vae_cache_name = num_images, cache_name
+    ds.sigma_vae_cache_identity = dict(identity, name=cache_name)
     return ds
 
 
@@ -332,15 +354,24 @@ def _stream(paths, labels, mode, size, channels):
     the same PIL reader as read_images. A file that does not decode (or is larger than the
     decompression-bomb limit) is skipped in both, in step, with one warning line naming it the
     first time this process meets it."""
+    named = []  # the unreadable files this stream named
+
     def read(path):
         path = os.fsdecode(path)
         image = _read_image(path, mode, size)
         if isinstance(image, Exception):
             if path not in _skipped_paths:
                 _skipped_paths.add(path)
+                _met.append(path)
+                named.append(path)
                 what = 'too large' if isinstance(image, TooLarge) else 'could not be read'
-                print(f'warning: skipped image file {path}: {what} ({type(image).__name__}: '
-                      f'{image})', file=sys.stderr, flush=True)
+                if len(named) <= SKIPS_NAMED:
+                    print(f'warning: skipped image file {path}: {what} ({type(image).__name__}: '
+                          f'{image})', file=sys.stderr, flush=True)
+                elif len(named) == SKIPS_NAMED + 1:
+                    print('warning: more image files could not be read: counted from here on, not '
+                          'named (training says how many at the end of each epoch)',
+                          file=sys.stderr, flush=True)
             return np.zeros((size, size, channels), np.uint8), False
         return image, True
 
@@ -353,6 +384,14 @@ def _stream(paths, labels, mode, size, channels):
     ds = ds.map(decode, num_parallel_calls=max(2, os.cpu_count() or 1))
     ds = ds.filter(_third)
     return ds.map(_first), ds.map(_second)
+
+
+_met = []  # the unreadable files the streams of this process met, in order
+
+
+def skipped_files():
+    """The image files a stream of this process could not read, in the order it met them."""
+    return list(_met)
 
 
 def _first(a, b, c):
@@ -396,22 +435,29 @@ def load_folder(folder, image_size, seed=0, check_files=False):
     if not os.path.isdir(folder):
         raise UsageError(f"image folder '{folder}' " + (
             'is not a folder' if os.path.exists(folder) else 'does not exist'))
-    files, sizes, others = _list_sizes(folder)
+    listing = _list(folder)
+    files, sizes, others = listing.files, listing.sizes, listing.others
     if check_files:
         modes = [_mode(path) for path in files]
+        if listing.unreadable:
+            _skip_warning(len(files), unreadable=listing.unreadable)
     else:
         modes = [_mode(path) for path in _spread(files, MODE_SAMPLE)]
-        if others:
-            _skip_warning(len(files) + len(others), [], others)
+        if others or listing.empty or listing.unreadable:
+            _skip_warning(len(files) + len(others), (), others, listing.empty, listing.unreadable)
+        # Listed (the split and the fingerprint are of the listing), but said once here: the
+        # stream skips them without a line each.
+        _skipped_paths.update(listing.empty)
     mode = 'L' if all(m in GRAY_MODES for m in modes if m is not None) else 'RGB'
     channels = 1 if mode == 'L' else 3
     if check_files:
         kept = {p for p, _ in _read_files(files, mode, image_size, others, keep=False)}
         sizes = [n for p, n in zip(files, sizes) if p in kept]
         files = [p for p in files if p in kept]
-    if len(files) < 2:
-        raise UsageError(f"image folder '{folder}' holds {len(files)} readable PNG/JPEG files; "
-                         f"it needs at least 2 (a train and a test image)")
+    if len(files) - (0 if check_files else len(listing.empty)) < 2:
+        raise UsageError(f"image folder '{folder}' holds {len(files)} PNG/JPEG files"
+                         + (f" ({len(listing.empty)} of them of 0 bytes)" if listing.empty else '')
+                         + "; it needs at least 2 readable ones (a train and a test image)")
     order = np.random.default_rng(seed).permutation(len(files))
     # Paths relative to the folder: os.walk's paths begin with it (os.path.relpath, as
     # before, gives the same, 20 times slower).
@@ -427,15 +473,24 @@ def load_folder(folder, image_size, seed=0, check_files=False):
     labels = np.array([index[c] for c in classes], np.int64)
     num_test = max(1, int(round(TEST_FRACTION * len(paths))))
     has_labels = len(names) > 1
-    digest = hashlib.sha256()
-    for name, size in zip(relative, sizes):
-        digest.update(f'{name}\0{size}\0'.encode())
+    digest, content = hashlib.sha256(), hashlib.sha256()
+    mtimes = dict(zip(listing.files, listing.mtimes))
+    for path, name, size in zip(files, relative, sizes):
+        mtime = mtimes[path]
+        # The file name's bytes as the system gives them (a name need not be UTF-8).
+        digest.update(os.fsencode(name) + f'\0{size}\0'.encode())
+        content.update(os.fsencode(name) + f'\0{size}\0{mtime}\0'.encode())
     fingerprint = f'{len(files)} images, sha256 {digest.hexdigest()[:16]}'
-    cache_name = f'folder_{digest.hexdigest()[:16]}_{image_size}px_{channels}c_seed{seed}'
+    # What decides the cached pixels: the folder (real path), its files' names, sizes and
+    # modification times, the size and mode they are decoded at, and the split (seed).
+    identity = {'folder': os.fsencode(os.path.realpath(folder)).hex(), 'files': content.hexdigest(),
+                'image_size': image_size, 'mode': mode, 'seed': seed, 'version': CACHE_VERSION}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    cache_name = f'folder_{key}_{image_size}px_{channels}c_seed{seed}'
     train, train_y = _stream(paths[num_test:], labels[num_test:], mode, image_size, channels)
     test, test_y = _stream(paths[:num_test], labels[:num_test], mode, image_size, channels)
-    return Splits(_tag(train, len(paths) - num_test, cache_name + '_train'),
-                  _tag(test, num_test, cache_name + '_test'),
+    return Splits(_tag(train, len(paths) - num_test, cache_name + '_train', identity),
+                  _tag(test, num_test, cache_name + '_test', identity),
                   len(paths) - num_test, num_test, channels, f'folder:{folder}',
                   train_y if has_labels else None, test_y if has_labels else None,
                   len(names) if has_labels else 0, fingerprint)
@@ -508,8 +563,34 @@ def _cache(ds, images, image_size):
     folder, name = os.environ.get(CACHE_DIR_ENV), getattr(images, 'sigma_vae_cache_name', None)
     if folder and name:
         os.makedirs(folder, exist_ok=True)
-        return ds.cache(os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        _check_cache(path, images.sigma_vae_cache_identity)
+        return ds.cache(path)
     return ds
+
+
+CACHE_VERSION = 2  # of what an on-disk cache holds and how its key is made
+
+
+def _check_cache(path, identity):
+    """Keeps the on-disk cache at `path` only if its record (<path>.json) says it holds the
+    images of `identity`; otherwise deletes its files (ours: <path>.index, <path>.data-*) and
+    writes the record of what it will hold. A key that two data sets share (the cache of an
+    earlier version hashed names and sizes only) is so found and rebuilt, not read."""
+    record = path + '.json'
+    try:
+        with open(record, encoding='utf-8') as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        stored = None
+    if stored == identity:
+        return
+    folder, name = os.path.split(path)
+    for entry in os.listdir(folder):
+        if entry == name + '.index' or re.fullmatch(re.escape(name) + r'\.data-\d{5}-of-\d{5}',
+                                                    entry):
+            os.remove(os.path.join(folder, entry))
+    utils.write_text(record, json.dumps(identity, indent=2) + '\n')
 
 
 def make_pipeline(images, image_size, batch_size, shuffle_seed=None, drop_remainder=True,

@@ -15,6 +15,7 @@ import utils  # first: from here on a Ctrl-C ends the command in one line
 import sys
 
 import config as settings
+import run_folder
 
 PRIORS = settings.registry('priors', 'PRIORS')
 
@@ -23,9 +24,6 @@ def make_parser():
     p = utils.ArgumentParser(prog='evaluate.py', description=__doc__.splitlines()[0])
     p.add_argument('--run', required=True, help='the run folder, e.g. output/sigma')
     settings.add_flags(p, settings.Evaluation)
-    p.add_argument('--inception_weights', default=None,
-                   help='InceptionV3 no-top weights file (.h5) for --features inception (default: '
-                        'Keras downloads them)')
     p.add_argument('--export', action='store_true',
                    help='write the N samples as samples.npz and samples_png/ in the run folder '
                         '(the mixture prior\'s as samples_gmm.npz and samples_gmm_png/)')
@@ -36,12 +34,24 @@ def make_parser():
 
 
 def parse_args(argv=None):
+    """The flags, and the paths they name checked: before TensorFlow is imported, so that a
+    wrong one is said at once (UsageError: one line, exit status 2)."""
     parser = make_parser()
     args = parser.parse_args(argv)
     args.prior = parse_priors(args.prior, parser)
     if not args.run.strip():
         parser.error('--run must name a run folder, got an empty string')
+    check_paths(args, 'evaluate.py')
     return args
+
+
+def check_paths(args, program):
+    """--run is a run folder it can write its results into; --inception_weights an HDF5 file."""
+    utils.check_input(args.run, '--run', 'folder')
+    run_folder.read_config(args.run)
+    run_folder.check_writable(args.run, program)
+    if args.inception_weights is not None:
+        utils.check_hdf5(args.inception_weights, '--inception_weights')
 
 
 def parse_priors(text, parser):
@@ -55,7 +65,7 @@ def parse_priors(text, parser):
 def evaluate(args):
     import evaluation  # the work: TensorFlow is imported by now (utils.run_command)
     result = evaluation.evaluate_run(args.run, settings.from_flags(settings.Evaluation, args),
-                                     args.inception_weights, args.export, prior_names=args.prior)
+                                     args.export, prior_names=args.prior)
     for key, value in result.items():
         print(f'{key:28s} {value:.6g}' if isinstance(value, float) else f'{key:28s} {value}')
 

@@ -75,12 +75,13 @@ def export_samples(folder, samples, data_range, name='samples'):
     utils.save_npz(npz, images=samples, pixel_range=np.array('uint8 0-255'),
                    model_data_range=np.array(data_range))
     png_dir = os.path.join(folder, name + '_png')
-    utils.save_pngs(png_dir, samples)
+    # The run's own folder: refilled whole (PNGs of an earlier version's export are replaced).
+    utils.save_pngs(png_dir, samples, '--export', legacy=True)
     return npz, png_dir
 
 
-def evaluate_run(run_dir, evaluation=None, inception_weights=None, export=False,
-                 feature_cache=None, prior_names=tuple(PRIORS)):
+def evaluate_run(run_dir, evaluation=None, export=False, feature_cache=None,
+                 prior_names=tuple(PRIORS)):
     """All the numbers of one run, measured as `evaluation` (a config.Evaluation) says; also
     written to <run_dir>/evaluation.json.
 
@@ -91,12 +92,13 @@ def evaluate_run(run_dir, evaluation=None, inception_weights=None, export=False,
     evaluation = evaluation or settings.Evaluation()
     run_folder.read_config(run_dir)  # a run folder, before any other complaint
     run_folder.check_writable(run_dir, 'evaluate.py')
+    if 'inception' in evaluation.features.split(','):  # before the long work: a download, a file
+        features.check_inception_weights(evaluation.inception_weights)
     with contextlib.ExitStack() as stack:
         stack.enter_context(utils.private_tempdir())
         if export and os.path.isdir(run_dir):  # it writes into the run folder: one writer
             stack.enter_context(run_folder.FolderLock(run_dir, 'evaluate.py --export'))
-        return _evaluate_run(run_dir, evaluation, inception_weights, export, feature_cache,
-                             prior_names)
+        return _evaluate_run(run_dir, evaluation, export, feature_cache, prior_names)
 
 
 def settings_record(evaluation, priors):
@@ -105,7 +107,7 @@ def settings_record(evaluation, priors):
     return {**settings.dataclasses.asdict(evaluation), 'priors': sorted(priors)}
 
 
-def _evaluate_run(run_dir, evaluation, inception_weights, export, feature_cache, prior_names):
+def _evaluate_run(run_dir, evaluation, export, feature_cache, prior_names):
     start = time.time()
     config, vae, state = checkpoints.load_model(run_dir)
     splits = state.splits
@@ -159,8 +161,8 @@ def _evaluate_run(run_dir, evaluation, inception_weights, export, feature_cache,
                 run_dir, samples[prior], config.data_range, 'samples' + PRIORS[prior])
     networks = [] if evaluation.features == 'none' else evaluation.features.split(',')
     if networks and samples:
-        result.update(sample_quality(splits, config, samples, networks, inception_weights,
-                                     feature_cache))
+        result.update(sample_quality(splits, config, samples, networks,
+                                     evaluation.inception_weights, feature_cache))
     result['eval_seconds'] = round(time.time() - start, 1)
     utils.write_text(os.path.join(run_dir, run_folder.EVALUATION_FILE),
                      json.dumps(result, indent=2) + '\n')

@@ -15,9 +15,16 @@ same for the same --seed. The work is generation.py's.
 import utils  # first: from here on a Ctrl-C ends the command in one line
 
 import argparse
+import os
 import sys
 
 import config as settings
+import run_folder
+from utils import UsageError
+
+IMAGE_OUTPUTS = ('.png', '.npz', 'folder')
+OUTPUTS = {'sample': IMAGE_OUTPUTS, 'reconstruct': IMAGE_OUTPUTS, 'interpolate': IMAGE_OUTPUTS,
+           'traverse': IMAGE_OUTPUTS, 'encode': ('.npz',), 'export': ('folder',)}
 
 POSITIVE = utils.positive()
 AT_LEAST_TWO = utils.positive(minimum=2)
@@ -114,13 +121,62 @@ def make_parser():
     return parser
 
 
+def parse_args(argv=None):
+    """The flags, and what they name checked before TensorFlow is imported (one line, exit
+    status 2): the run folder, the image files and folders to read, --out's kind and place."""
+    args = make_parser().parse_args(argv)
+    utils.check_input(args.run, '--run', 'folder')
+    run_folder.read_config(args.run)
+    count = {'reconstruct': None, 'encode': None, 'interpolate': 2}
+    if args.command in count:
+        check_image_flags(args, count[args.command])
+    for flag, kind in (('images', 'any'), ('a', 'file'), ('b', 'file'), ('image', 'file')):
+        path = getattr(args, flag, None)
+        if path is not None and not (flag == 'images' and path == 'test'):
+            utils.check_input(path, '--' + flag, kind)
+    if args.command in OUTPUTS:
+        args.kind = output_kind(args.out, OUTPUTS[args.command])
+    return args
+
+
+def check_image_flags(args, count=None):
+    """UsageError, before the run is loaded, unless the images to read are given: --test_images
+    (`count` of them, if given) or --images (--a and --b for interpolate)."""
+    if args.test_images is not None:
+        if count and len(args.test_images) != count:
+            raise UsageError(f'--test_images must give {count} indices, got {len(args.test_images)}')
+    elif count == 2 and (args.a is None or args.b is None):
+        raise UsageError('give two images: --a FILE --b FILE, or --test_images I,J')
+    elif count is None and args.images is None:
+        raise UsageError('give --images (a folder, a file or test) or --test_images (indices)')
+
+
+def output_kind(path, allowed):
+    """'.png', '.npz' or 'folder' (no extension, or an existing folder) for --out, checked to
+    be writable before anything is computed; UsageError otherwise."""
+    ext = os.path.splitext(os.path.normpath(path))[1].lower()
+    kind = 'folder' if os.path.isdir(path) or not ext else ext
+    if kind not in allowed:
+        names = {'.png': 'a .png file', '.npz': 'an .npz file', 'folder': 'a folder'}
+        raise UsageError(f"--out must be {' or '.join(names[k] for k in allowed)}, got '{path}'")
+    if kind != 'folder' and os.path.isdir(path):
+        raise UsageError(f"--out '{path}' is a folder, not a {kind} file")
+    if kind == 'folder' and os.path.isfile(os.path.join(path, run_folder.CONFIG_FILE)):
+        raise UsageError(f"--out '{path}' is a run folder: its PNGs would lie among the run's "
+                         f"files; give a folder of their own, e.g. {os.path.join(path, 'samples')}")
+    utils.check_output(path, '--out', 'folder' if kind == 'folder' else 'file')
+    if kind == 'folder' and '.png' in allowed:  # a folder of images: the tool's own, refilled whole
+        utils.check_replaceable(path, '--out', utils.is_png_output)
+    return kind
+
+
 def run(args):
     import generation  # the work: TensorFlow is imported by now (utils.run_command)
     getattr(generation, args.command)(args)
 
 
 def main(argv=None):
-    return utils.run_command('generate.py', make_parser().parse_args, run, argv)
+    return utils.run_command('generate.py', parse_args, run, argv)
 
 
 if __name__ == '__main__':

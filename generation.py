@@ -5,7 +5,6 @@ batches from the run's newest checkpoint and written as --out FILE.png (a grid),
 """
 import os
 import re
-import shutil
 
 import keras
 import numpy as np
@@ -15,11 +14,9 @@ import checkpoints
 import data
 import models
 import priors
-import run_folder
 import utils
 from utils import UsageError
 
-IMAGE_OUTPUTS = ('.png', '.npz', 'folder')
 GRID_COLUMNS = 10  # images per row of a .png grid (5 input-reconstruction pairs)
 MAX_RANGE = 1e6  # traverse --range: |z| of N(0, I) is a few units; far beyond, float32 overflows
 
@@ -37,18 +34,6 @@ def read_images(args, config, state, n=None):
         return images[:n], names[:n]
     count = min(n, state.splits.num_test) if n else state.splits.num_test
     return test_images(range(count), config, state)
-
-
-def check_image_flags(args, count=None):
-    """UsageError, before the run is loaded, unless the images to read are given: --test_images
-    (`count` of them, if given) or --images (--a and --b for interpolate)."""
-    if args.test_images is not None:
-        if count and len(args.test_images) != count:
-            raise UsageError(f'--test_images must give {count} indices, got {len(args.test_images)}')
-    elif count == 2 and (args.a is None or args.b is None):
-        raise UsageError('give two images: --a FILE --b FILE, or --test_images I,J')
-    elif count is None and args.images is None:
-        raise UsageError('give --images (a folder, a file or test) or --test_images (indices)')
 
 
 def test_images(indices, config, state):
@@ -70,27 +55,6 @@ def read_image(path, config, flag):
     return data.read_images(path, config.image_size, config.channels)[0][0]
 
 
-def output_kind(path, allowed=IMAGE_OUTPUTS):
-    """'.png', '.npz' or 'folder' (no extension, or an existing folder) for --out, checked to
-    be writable before anything is computed; UsageError otherwise."""
-    ext = os.path.splitext(os.path.normpath(path))[1].lower()
-    kind = 'folder' if os.path.isdir(path) or not ext else ext
-    if kind not in allowed:
-        names = {'.png': 'a .png file', '.npz': 'an .npz file', 'folder': 'a folder'}
-        raise UsageError(f"--out must be {' or '.join(names[k] for k in allowed)}, got '{path}'")
-    if kind != 'folder' and os.path.isdir(path):
-        raise UsageError(f"--out '{path}' is a folder, not a {kind} file")
-    if kind == 'folder' and os.path.isfile(os.path.join(path, run_folder.CONFIG_FILE)):
-        raise UsageError(f"--out '{path}' is a run folder: its PNGs would lie among the run's "
-                         f"files; give a folder of their own, e.g. {os.path.join(path, 'samples')}")
-    existing = os.path.abspath(path if kind == 'folder' else os.path.dirname(os.path.abspath(path)))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write --out '{path}': '{existing}' is not a writable folder")
-    return kind
-
-
 def write_output(path, kind, tiles, columns, **arrays):
     """tiles (N, h, w, C) uint8 as a grid of `columns` (.png) or one PNG each (folder);
     `arrays` as an .npz."""
@@ -103,7 +67,7 @@ def write_output(path, kind, tiles, columns, **arrays):
             columns = min(columns, len(tiles))
             utils.save_png(path, utils.image_grid(tiles, -(-len(tiles) // columns), columns))
         else:
-            utils.save_pngs(path, tiles)
+            utils.save_pngs(path, tiles, '--out')
     except OSError as e:
         raise UsageError(f"cannot write --out '{path}': {e.strerror}") from None
     print(f'wrote {path}')
@@ -134,7 +98,7 @@ def _encode(vae, images, config):
 def sample(args):
     check_count(args.run, args.n, f'--n {args.n}')
     config, vae, state = checkpoints.load_model(args.run)
-    kind = output_kind(args.out)
+    kind = args.kind
     gmm = (priors.load_prior(args.run, config, vae, state, args.components)
            if args.prior == 'gmm' else None)
     images = priors.prior_samples(vae, config, args.n, args.seed, gmm)
@@ -142,10 +106,9 @@ def sample(args):
 
 
 def reconstruct(args):
-    check_image_flags(args)
     config, vae, state = checkpoints.load_model(args.run)
     inputs, names = read_images(args, config, state, args.n)
-    kind = output_kind(args.out)
+    kind = args.kind
     reconstructions = _decode(vae, _encode(vae, inputs, config)[0], config)
     if args.plain:
         tiles, columns = reconstructions, GRID_COLUMNS
@@ -166,14 +129,13 @@ def slerp(a, b, t):
 
 
 def interpolate(args):
-    check_image_flags(args, 2)
     check_count(args.run, 2 * (args.steps + 2), f'--steps {args.steps}')
     config, vae, state = checkpoints.load_model(args.run)
     if args.test_images is not None:
         images = test_images(args.test_images, config, state)[0]
     else:
         images = np.stack([read_image(args.a, config, '--a'), read_image(args.b, config, '--b')])
-    kind = output_kind(args.out)
+    kind = args.kind
     a, b = _encode(vae, images, config)[0].astype(np.float64)
     t = np.linspace(0.0, 1.0, args.steps)
     paths = {'linear': (1 - t)[:, None] * a + t[:, None] * b, 'spherical': slerp(a, b, t)}
@@ -199,7 +161,7 @@ def traverse(args):
     check_count(args.run, len(dims) * args.steps, f'--steps {args.steps}', config)
     config, vae, _ = checkpoints.load_model(args.run)
     image = read_image(args.image, config, '--image') if args.image else None
-    kind = output_kind(args.out)
+    kind = args.kind
     if image is None:
         z0 = priors.prior_z(1, z_dim, args.seed)[0]
     else:
@@ -214,10 +176,8 @@ def traverse(args):
 
 
 def encode(args):
-    check_image_flags(args)
     config, vae, state = checkpoints.load_model(args.run)
     images, names = read_images(args, config, state, args.n)
-    output_kind(args.out, ('.npz',))
     mu, log_var = _encode(vae, images, config)
     write_output(args.out, '.npz', None, 0, mu=mu, log_var=log_var, names=np.array(names))
 
@@ -283,52 +243,34 @@ SAVED_MODEL_FOLDERS = {'variables': re.compile(r'variables\.(index|data-\d{5}-of
                        'assets': None}  # assets/: empty, this VAE has none
 
 
-def not_exported(folder):
-    """The entries of `folder` (relative paths) that an export does not write: the files that
-    replacing the folder would delete although they are not a SavedModel's."""
-    foreign = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.islink(path):
-            foreign.append(name)
-        elif name in SAVED_MODEL_FOLDERS and os.path.isdir(path):
-            pattern = SAVED_MODEL_FOLDERS[name]
-            foreign += [f'{name}/{inner}' for inner in sorted(os.listdir(path))
-                        if pattern is None or not pattern.fullmatch(inner)
-                        or not os.path.isfile(os.path.join(path, inner))
-                        or os.path.islink(os.path.join(path, inner))]
-        elif name not in SAVED_MODEL_FILES or not os.path.isfile(path):
-            foreign.append(name + ('/' if os.path.isdir(path) else ''))
-    return foreign
+def exported(path):
+    """Whether `path`, an entry of an --out folder, is what an export writes (an earlier export
+    without the tool's marker is replaced; anything else in it is refused, not deleted)."""
+    folder, name = os.path.split(path)
+    if os.path.islink(path):
+        return False
+    if name in SAVED_MODEL_FOLDERS and os.path.isdir(path):
+        pattern = SAVED_MODEL_FOLDERS[name]
+        return all(pattern is not None and pattern.fullmatch(inner)
+                   and os.path.isfile(os.path.join(path, inner))
+                   and not os.path.islink(os.path.join(path, inner)) for inner in os.listdir(path))
+    return name in SAVED_MODEL_FILES and os.path.isfile(path)
 
 
 def export(args):
     out = os.path.normpath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out '{args.out}' is a file, not a folder")
-    foreign = not_exported(out) if os.path.isdir(out) else []
-    if foreign:
-        listed = ', '.join(foreign[:3]) + (f' and {len(foreign) - 3} more' if len(foreign) > 3 else '')
-        raise UsageError(f"--out '{args.out}' holds files that an export does not write "
-                         f"({listed}), which replacing it would delete: give a new folder, or "
-                         f"move them away")
-    output_kind(out, ('folder',))
+    utils.check_replaceable(out, '--out', exported, legacy=True)  # an earlier version's export
     config, vae, _ = checkpoints.load_model(args.run)
-    # Written beside --out and renamed into place: a reader never sees half a SavedModel.
-    parent, name = os.path.split(os.path.abspath(out))
-    tmp, old = (os.path.join(parent, f'.tmp-{name}-{kind}-{os.getpid()}') for kind in ('new', 'old'))
-    try:
+
+    def write(tmp):
         saved_model(vae, config).write_out(tmp, verbose=False)
         utils.give_umask_permissions(tmp)  # TensorFlow writes 755 folders whatever the umask
-        if os.path.isdir(out):
-            os.replace(out, old)
-        os.replace(tmp, out)
+
+    try:  # written beside --out and renamed into place: a reader never sees half a SavedModel
+        utils.replace_folder(out, write, '--out', exported, legacy=True, what='a SavedModel')
     except (OSError, tf.errors.OpError) as e:
         reason = e.strerror if isinstance(e, OSError) else e.message
         raise UsageError(f"cannot write --out '{args.out}': {reason}") from None
-    finally:
-        for folder in (tmp, old):
-            shutil.rmtree(folder, ignore_errors=True)
     print(f'wrote {out} (signatures decode, encode, sample)')
 
 

@@ -238,39 +238,49 @@ def free_bits_kl(kl_groups, free_bits, global_mean=tf.reduce_mean):
 
 # ---- one step's loss: what every training loop calls ---------------------------
 
-def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce_mean,
-             global_batch=None, training=True, free_bits=None, groups=None):
+def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=None, global_batch=None,
+             *, training, reduction='sum', free_bits=None, groups=None):
     """The loss of one batch and its metrics, for any decoder of DECODERS, on one device or
     on each replica of a tf.distribute strategy.
 
     Args:
-      likelihood: a Likelihood (e.g. DECODERS['optimal']()).
+      likelihood: a Likelihood (e.g. DECODERS['optimal'](data_range=(-1, 1))); x outside its
+        data range is refused (InvalidArgumentError, where TensorFlow runs asserts: not in XLA).
       x: (b, H, W, C) images in the likelihood's data range: this replica's part of the batch.
       params: (b, H, W, C * likelihood.params_per_value) the decoder's output at a z drawn
         from q(z|x) (the mean first, see Likelihood).
       mu, log_var: (b, Z) the encoder's q(z|x).
       beta: the weight of the KL term (1 for the sigma-VAE).
       global_mean: (b,) per-image values of this replica -> their mean over the global
-        batch, a scalar; tf.reduce_mean on one device, `replica_mean` under tf.distribute.
-        The optimal sigma* and the metrics are means over the global batch.
-      global_batch: the number of images of the global batch (int or scalar tensor);
-        None: b, one device. Under tf.distribute: `replica_batch(x)`.
+        batch, a scalar; None: `replica_mean`, the global batch's under the strategy that
+        runs the step (the batch itself on one device). The optimal sigma* and the metrics
+        are means over the global batch.
+      global_batch: the number of images of the global batch (int or scalar tensor); None:
+        `replica_batch(x)`.
       training: True for a training step (train_terms: the batch's sigma*, running
-        statistics updated); False for evaluation (test_terms: no look at x to pick sigma).
+        statistics updated); False for evaluation (test_terms: no look at x to pick sigma:
+        a test step must say False, or `optimal` would pick its sigma from the test batch).
+      reduction: 'sum' (the paper's objective: summed over the images, values and latent
+        dimensions; `mse`'s the original's means) or 'mean' (that, per image of the global
+        batch: what a Keras user expects of a loss, the same minimisers, gradients 1/N the size).
       free_bits: None, or lambda of free_bits_kl: the training loss counts the KL of each
         latent group as max(lambda, its batch mean); the metrics keep the true KL.
       groups: the sizes Z_l of the latent groups whose concatenation is z, for free bits
-        (models.Hierarchical: the KL of each is KL(N(mu, exp(log_var)) || N(0, I)) over its
+        (networks.Hierarchical: the KL of each is KL(N(mu, exp(log_var)) || N(0, I)) over its
         dimensions); None: one group, the whole z.
     Returns:
       (loss, metrics). loss, a scalar: what to minimise, this replica's share of the global
-      batch's objective (sums over its images, values and latent dimensions, `mse`'s means
-      divided by the global batch; see Likelihood.reduce), so that the replicas' gradients
-      add up to the global batch's; training=False gives the sum of rec + beta kl over the
-      replica's images. metrics: {name: scalar} of METRICS, per-image means over the global
-      batch (see summarize), the same on every replica; with training=False also
-      bits_per_dim_discrete, the bits/dim of the 8-bit values.
+      batch's objective (see `reduction` and Likelihood.reduce), so that the replicas'
+      gradients add up to the global batch's; training=False gives rec + beta kl summed (or
+      averaged) over the replica's images. metrics: {name: scalar} of METRICS, per-image means
+      over the global batch (see summarize), the same on every replica; with training=False
+      also bits_per_dim_discrete, the bits/dim of the 8-bit values.
     """
+    if reduction not in ('sum', 'mean'):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    global_mean = global_mean or replica_mean
+    global_batch = replica_batch(x) if global_batch is None else global_batch
+    likelihood.check_range(x)
     num_values = math.prod(x.shape[1:])  # D, values per image (static)
     if training:
         objective, rec, log_sigma = likelihood.train_terms(x, params, global_mean)
@@ -278,14 +288,16 @@ def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce
         if free_bits is not None:
             kl_loss = tf.concat(free_bits_kl([kl] if groups is None else tf.split(kl, groups, -1),
                                              free_bits, global_mean), -1)
-        rec_term, kl_term = likelihood.reduce(
-            objective, kl_loss, tf.shape(x)[0] if global_batch is None else global_batch)
+        rec_term, kl_term = likelihood.reduce(objective, kl_loss, global_batch,
+                                              mean=reduction == 'mean')
         loss = rec_term + beta * kl_term
         kl_image = tf.reduce_sum(kl, -1)
     else:
         rec, discrete, log_sigma = likelihood.test_terms(x, params)
         kl_image = tf.reduce_sum(kl_divergence(mu, log_var), -1)
         loss = tf.reduce_sum(rec) + beta * tf.reduce_sum(kl_image)
+        if reduction == 'mean':
+            loss = loss / tf.cast(global_batch, loss.dtype)
     metrics = summarize(global_mean(rec), global_mean(kl_image), global_mean(log_sigma), beta,
                         num_values, likelihood.log_data_scale)
     if not training:
@@ -297,8 +309,11 @@ def vae_loss(likelihood, x, params, mu, log_var, beta=1.0, global_mean=tf.reduce
 def replica_mean(values):
     """(b,) per-image values of this replica -> their mean over the global batch of all
     replicas (an all-reduce of sums and counts; the mean itself on one device). Call it
-    inside strategy.run (Keras 3's fit runs train_step there)."""
+    inside strategy.run (Keras 3's fit runs train_step there); in a cross-replica context,
+    the mean of `values`."""
     replica = tf.distribute.get_replica_context()
+    if replica is None:
+        return tf.reduce_mean(values)
     sums = replica.all_reduce('sum', [tf.reduce_sum(values), tf.cast(tf.size(values), tf.float32)])
     return sums[0] / sums[1]
 
@@ -306,7 +321,8 @@ def replica_mean(values):
 def replica_batch(x):
     """The number of images of the global batch, from this replica's part x (b, ...): every
     replica gets b of them (batches with drop_remainder)."""
-    return tf.shape(x)[0] * tf.distribute.get_replica_context().num_replicas_in_sync
+    replica = tf.distribute.get_replica_context()
+    return tf.shape(x)[0] * (1 if replica is None else replica.num_replicas_in_sync)
 
 
 # ---- the decoders -------------------------------------------------------------
@@ -327,9 +343,14 @@ class Likelihood(keras.layers.Layer):
     """
     params_per_value = 1
 
-    def __init__(self, data_range=(-1.0, 1.0), log_sigma_min=-6.0, **kwargs):
+    def __init__(self, data_range, log_sigma_min=-6.0, **kwargs):
+        """data_range: (low, high) of the data, (-1, 1) or (0, 1): stated, not assumed, since
+        bits/dim and the 8-bit bins are on it; log_sigma_min: the soft lower bound of log sigma
+        (None: none)."""
         super().__init__(dtype='float32', **kwargs)
         self.low, self.high = (float(v) for v in data_range)
+        if not self.low < self.high:
+            raise ValueError(f'data_range must be (low, high) with low < high, got {data_range}')
         self.bin_width = (self.high - self.low) / 255.0  # one 8-bit level on the data scale
         # ln of the factor from the data scale to 0-255, for bits/dim (see bits_per_dim)
         self.log_data_scale = math.log(255.0 / (self.high - self.low))
@@ -338,6 +359,16 @@ class Likelihood(keras.layers.Layer):
     def get_config(self):  # for Keras' saving of a whole model (.keras)
         config = {k: v for k, v in super().get_config().items() if k != 'dtype'}
         return {**config, 'data_range': (self.low, self.high), 'log_sigma_min': self.log_sigma_min}
+
+    def check_range(self, x):
+        """Refuses (InvalidArgumentError) images x outside [low, high], beyond rounding: the
+        likelihood of data on another scale is silently wrong (its bits/dim, its 8-bit bins).
+        TensorFlow runs these asserts eagerly and in graphs, not in XLA."""
+        slack = 1e-3 * (self.high - self.low)
+        message = (f'x holds values outside the likelihood\'s data range [{self.low:g}, '
+                   f'{self.high:g}]: make the likelihood with the range of the data')
+        tf.debugging.assert_greater_equal(tf.reduce_min(x), self.low - slack, message=message)
+        tf.debugging.assert_less_equal(tf.reduce_max(x), self.high + slack, message=message)
 
     def split(self, params):
         """params (B, H, W, C * P) -> P tensors (B, H, W, C); the first is the mean."""
@@ -367,11 +398,15 @@ class Likelihood(keras.layers.Layer):
         return (per_image_sum(values), -per_image_sum(self.discrete_log_prob(x, params)),
                 per_image_mean(log_sigma + tf.zeros_like(x)))
 
-    def reduce(self, objective_values, kl_values, global_batch):
+    def reduce(self, objective_values, kl_values, global_batch, mean=False):
         """The two terms of this replica's training loss: sums over its images, values and
-        latent dimensions, so that the replicas' gradients add up to the global batch's."""
-        del global_batch
-        return tf.reduce_sum(objective_values), tf.reduce_sum(kl_values)
+        latent dimensions, so that the replicas' gradients add up to the global batch's; with
+        `mean`, divided by the global batch's number of images."""
+        rec, kl = tf.reduce_sum(objective_values), tf.reduce_sum(kl_values)
+        if mean:
+            n = tf.cast(global_batch, tf.float32)
+            rec, kl = rec / n, kl / n
+        return rec, kl
 
     def effective_beta(self, beta, log_sigma, num_values, z_dim):
         """The KL weight of the `gaussian` decoder (sigma = 1) whose objective has the same
@@ -433,8 +468,9 @@ class MSE(Gaussian):
         sum KL): the gaussian objective with KL weight beta D / (2 Z), scaled."""
         return beta * num_values / (2.0 * z_dim)
 
-    def reduce(self, objective_values, kl_values, global_batch):
-        """Means over the global batch (whose size a replica's sums are divided by)."""
+    def reduce(self, objective_values, kl_values, global_batch, mean=False):
+        """Means over the global batch (whose size a replica's sums are divided by), whatever
+        `mean` says: the original's objective is a mean already."""
         n = tf.cast(global_batch, tf.float32)
         values_per_image = tf.cast(tf.size(objective_values[0]), tf.float32)
         return (tf.reduce_sum(objective_values) / (n * values_per_image),

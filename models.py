@@ -5,6 +5,7 @@ and decode in batches, recompute batch norm's statistics).
 import contextlib
 import functools
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -43,7 +44,7 @@ def forward(encoder, decoder, x, eps=None, training=False):
         if several:
             x, eps = repeat(x), tf.reshape(eps, (-1, eps.shape[-1]))
         return tuple(encoder([x, eps], training=training)[:3])
-    mu, log_var = encoder(x, training=training)
+    mu, log_var = encoder(x, training=training)[:2]  # a third output (a z of its own): unused
     z = mu if eps is None else reparameterize(mu, log_var, eps)
     if several:
         z, mu, log_var = tf.reshape(z, (-1, z.shape[-1])), repeat(mu), repeat(log_var)
@@ -72,13 +73,13 @@ class VAE(keras.Model):
 
     encoder: (B, H, W, C) -> (mu, log_var), each (B, Z) (or a whole pass, see `forward`);
     decoder: (B, Z) -> (B, H, W, C * likelihood.params_per_value), the mean first (see
-    losses.Likelihood); likelihood: a losses.DECODERS entry, e.g. losses.DECODERS['optimal']()
+    losses.Likelihood); likelihood: a losses.DECODERS entry, e.g. losses.DECODERS['optimal']((-1, 1))
     for the sigma-VAE, whose weights (a trainable log sigma, running statistics) are trained and
     checkpointed with the networks. groups: the sizes of the latent groups that z concatenates,
     top first (None: one group of Z). beta, kl_warmup (steps) and free_bits (nats): train.py's
     --beta, --kl_warmup and --free_bits (losses.kl_weight, losses.free_bits_kl).
 
-        vae = VAE(encoder, decoder, losses.DECODERS['optimal']())
+        vae = VAE(encoder, decoder, losses.DECODERS['optimal'](data_range=(-1, 1)))
         vae.compile(keras.optimizers.Adam(1e-3))
         vae.fit(train_ds, epochs=1); vae.evaluate(test_ds, return_dict=True)
 
@@ -93,6 +94,10 @@ class VAE(keras.Model):
 
     def __init__(self, encoder, decoder, likelihood, beta=1.0, seed=0, kl_warmup=None,
                  free_bits=None, groups=None, **kwargs):
+        check_objective(likelihood, beta, kl_warmup, free_bits)
+        if len(encoder.inputs) == 1 and len(encoder.outputs) == 3:
+            warnings.warn('the encoder\'s third output (a z of its own) is not used: the VAE '
+                          'draws z from its (mu, log_var) itself', stacklevel=2)
         # The VAE's own inputs, noise and outputs stay float32 under mixed precision; its
         # encoder and decoder compute in the global policy's dtype.
         kwargs.setdefault('dtype', 'float32')
@@ -148,7 +153,7 @@ class VAE(keras.Model):
         return losses.vae_loss(
             self.likelihood, x, params, mu, log_var,
             losses.kl_weight(self.beta, step, self.kl_warmup), losses.replica_mean,
-            losses.replica_batch(x), free_bits=self.free_bits, groups=self.groups)
+            losses.replica_batch(x), training=True, free_bits=self.free_bits, groups=self.groups)
 
     def train_step(self, data):
         x = data[0] if isinstance(data, (tuple, list)) else data  # images, or (images, labels)
@@ -221,6 +226,51 @@ class VAE(keras.Model):
     def metrics(self):
         return list(self.trackers.values())  # reset by Keras at each epoch and evaluation
 
+    def predict_step(self, data):
+        """predict(): the reconstructions, the decoder mean at z = mu (B, H, W, C)."""
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        return self.reconstruct(x)
+
+    # Data outside the likelihood's range is refused before Keras' compiled steps, in which
+    # XLA would drop the likelihood's own asserts (Likelihood.check_range).
+    def fit(self, x=None, *args, validation_data=None, **kwargs):
+        return super().fit(self._checked(x), *args, validation_data=self._checked(
+            validation_data), **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        return super().evaluate(self._checked(x), *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        return super().predict(self._checked(x), *args, **kwargs)
+
+    def _checked(self, x):
+        """x (images, a tuple whose first item are images, or a tf.data set of them) whose
+        images are refused, as they come, when outside the likelihood's data range."""
+        if isinstance(x, tf.data.Dataset):
+            def check(*batch):
+                self.likelihood.check_range(batch[0])
+                return batch if len(batch) > 1 else batch[0]
+            return x.map(check)
+        if isinstance(x, np.ndarray) and x.size:
+            self.likelihood.check_range(tf.constant([x.min(), x.max()], tf.float32))
+        return x
+
+
+def check_objective(likelihood, beta, kl_warmup, free_bits):
+    """ValueError (TypeError for a likelihood of another kind) for settings of the objective
+    that cannot train: the checks of train.py's flags, for a VAE made in Python."""
+    if not isinstance(likelihood, losses.Likelihood):
+        raise TypeError(f"likelihood must be a losses.Likelihood, e.g. losses.DECODERS['optimal']"
+                        f"(data_range=(-1, 1)), got {likelihood!r}")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+        raise ValueError(f'beta must be a finite number of at least 0, got {beta!r}')
+    if kl_warmup is not None and not (isinstance(kl_warmup, int)
+                                      and 0 < kl_warmup <= utils.MAX_INT):
+        raise ValueError(f'kl_warmup must be a positive integer (steps) or None, got {kl_warmup!r}')
+    if free_bits is not None and not (isinstance(free_bits, (int, float))
+                                      and math.isfinite(free_bits) and free_bits > 0):
+        raise ValueError(f'free_bits must be a positive number (nats) or None, got {free_bits!r}')
+
 
 @keras.saving.register_keras_serializable('sigma_vae')
 class FitVAE(VAE):
@@ -235,17 +285,23 @@ def make_vae(config, sync_batch_norm=False):
     return network_vae(config.image_size, config.channels, config.z_dim,
                        losses.DECODERS[config.model](data.DATA_RANGES[config.data_range],
                                                      config.log_sigma_min),
-                       config.data_range, config.arch, config.width, config.depth,
-                       sync_batch_norm, config.posterior, beta=config.beta, seed=config.seed,
+                       config.arch, config.width, config.depth, sync_batch_norm,
+                       config.posterior, beta=config.beta, seed=config.seed,
                        kl_warmup=config.kl_warmup, free_bits=config.free_bits)
 
 
-def network_vae(image_size, channels, z_dim, likelihood, data_range='-1,1', arch='original',
-                width=None, depth=None, sync_batch_norm=False, posterior=None, **objective):
-    """The VAE of a network of networks.NETWORKS (width, depth, posterior None: its defaults) for images of
-    image_size x image_size x channels in data_range, with `likelihood`; objective: VAE's beta,
-    seed, kl_warmup, free_bits. sync_batch_norm: batch norm statistics over the global batch of
-    all replicas."""
+def network_vae(image_size, channels, z_dim, likelihood, arch='original', width=None,
+                depth=None, sync_batch_norm=False, posterior=None, **objective):
+    """The VAE of a network of networks.NETWORKS (width, depth, posterior None: its defaults)
+    for images of image_size x image_size x channels, with `likelihood`, whose data range
+    decides the decoder's output (tanh for [-1, 1], sigmoid for [0, 1]); objective: VAE's beta,
+    seed, kl_warmup, free_bits. sync_batch_norm: batch norm statistics over the global batch
+    of all replicas."""
+    ranges = {value: name for name, value in data.DATA_RANGES.items()}
+    data_range = ranges.get((likelihood.low, likelihood.high))
+    if data_range is None:
+        raise ValueError(f'the networks output data in {list(data.DATA_RANGES.values())}, not '
+                         f'({likelihood.low:g}, {likelihood.high:g})')
     network = networks.NETWORKS[arch]
     encoder, decoder = network.build(
         image_size, channels, z_dim, likelihood.params_per_value,

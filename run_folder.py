@@ -33,6 +33,10 @@ LOGS = 'logs'
 LOCK = 'lock'
 PRIOR_FILE = 'prior_gmm.npz'
 EVALUATION_FILE = 'evaluation.json'
+# What a run folder of this tool holds (evaluate.py --export adds samples*.npz and samples*_png/).
+RUN_ENTRIES = (CONFIG_FILE, CHECKPOINTS, METRICS_FILE, METRICS_FILE + '.damaged', IMAGES, LOGS,
+               LOCK, PRIOR_FILE, EVALUATION_FILE, 'samples.npz', 'samples_png', 'samples_gmm.npz',
+               'samples_gmm_png', utils.MARKER)
 NUM_SAMPLES = 100  # the prior samples of a training grid (10x10): the first of the run's fixed z
 EVALUATED = 'evaluated_samples'  # images/<this><prior suffix>_<step>.png: evaluate.py's grids
 
@@ -75,6 +79,34 @@ def saved_config(run_dir):
         return None
 
 
+def check_run_folder(run_dir):
+    """UsageError unless train.py may write into run_dir: a folder that does not exist yet, an
+    empty one, or one of this tool's run folders (its marker; or, written before the marker, a
+    config.json of train.py, or nothing but what a run folder holds). Nothing the run writes may
+    be a symbolic link there: the tool does not write through links. Reads only."""
+    if not os.path.lexists(run_dir):
+        return
+    if not os.path.isdir(run_dir):
+        raise UsageError(f'{run_dir} is a file, not a run folder: give another --experiment_name')
+    names = os.listdir(run_dir)
+    config = os.path.join(run_dir, CONFIG_FILE)
+    if not utils.is_marked(run_dir) and names:
+        why = None
+        if os.path.lexists(config):
+            try:
+                read_config_file(config)
+            except UsageError as e:
+                why = f'its {CONFIG_FILE} is not one of train.py ({e})'
+        elif not set(names) <= set(RUN_ENTRIES):
+            why = f'it holds {sorted(set(names) - set(RUN_ENTRIES))[0]!r}, which no run writes'
+        if why:
+            raise UsageError(f'{run_dir} exists and is not a run folder of this tool: {why}; give '
+                             f'another --experiment_name or --output_dir (the tool writes only into '
+                             f'folders it made)')
+    for name in RUN_ENTRIES:
+        utils.refuse_link(os.path.join(run_dir, name), 'the run folder entry')
+
+
 def check_writable(run_dir, program, folders=('', IMAGES)):
     """UsageError unless the process can write into the run folder (and its `folders` that
     exist): a read-only folder or file system is said before the minutes of work whose results
@@ -107,7 +139,7 @@ class FolderLock:
         """Raises the UsageError of __enter__ if another process holds the lock now, without
         creating anything: a cheap test before the work that precedes taking the lock."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return
         try:
@@ -131,7 +163,8 @@ class FolderLock:
                              f'it') from None
 
     def __enter__(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        utils.refuse_link(self.path, 'the lock')  # O_NOFOLLOW's error would say less
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         try:
             locked = self._lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except UsageError:

@@ -285,6 +285,7 @@ def _train(config, strategy):
     chief = is_chief(strategy)
     lock = run_folder.FolderLock(config.run_dir, 'train.py')
     if chief:
+        run_folder.check_run_folder(config.run_dir)  # the tool writes only into its own folders
         lock.check()  # fail at once, not after loading the data
     # Everything is checked before anything is written: the data, the run folder's config.
     saved = run_folder.saved_config(config.run_dir)
@@ -299,18 +300,22 @@ def _train(config, strategy):
         print(f"resuming with {', '.join(changes)}: the steps from here on use the new "
               f"value (config.json records it)", file=sys.stderr)
     trainer = make_trainer(config, strategy)
+    loop = Loop(trainer, splits, steps_per_epoch)  # an empty test split is refused here
     with contextlib.ExitStack() as stack:
         if chief:
             try:
                 os.makedirs(config.run_dir, exist_ok=True)
                 stack.enter_context(lock)
-                check_resume(config)  # again: another process may have written it meanwhile
-                utils.remove_temporary_files(config.run_dir)
+                run_folder.check_run_folder(config.run_dir)  # again: after another process, too
+                check_resume(config)
+                utils.mark_folder(config.run_dir, 'a run folder')
+                utils.remove_temporary_files(config.run_dir,
+                                             os.path.join(config.run_dir, run_folder.IMAGES))
             except OSError as e:
                 raise UsageError(f'cannot write to {config.run_dir}: {e.strerror}') from None
-        interrupts = stack.enter_context(utils.Interrupts())
+        loop.interrupts = stack.enter_context(utils.Interrupts())
         try:
-            return Loop(trainer, splits, steps_per_epoch, interrupts).run()
+            return loop.run()
         except utils.Interrupted as e:  # before the loop, or after its own handling
             print(f'interrupted ({e}) at step {int(trainer.step.numpy())}; '
                   f'{trainer.checkpoints.last_checkpoint()}', file=sys.stderr)
@@ -338,15 +343,20 @@ class Loop:
     a checkpoint: `end_of_epoch`), the start (`resume`) and an interrupt (`interrupted`: a
     checkpoint of the step reached)."""
 
-    def __init__(self, trainer, splits, steps_per_epoch, interrupts):
+    def __init__(self, trainer, splits, steps_per_epoch):
         self.trainer, self.config, self.splits = trainer, trainer.config, splits
-        self.steps_per_epoch, self.interrupts = steps_per_epoch, interrupts
+        self.steps_per_epoch, self.interrupts = steps_per_epoch, None  # interrupts: run()'s
         config = self.config
         self.train_ds = data.make_pipeline(splits.train, config.image_size, config.batch_size,
                                            shuffle_seed=config.seed, data_range=config.data_range)
         self.test_ds = data.make_pipeline(splits.test, config.image_size, config.batch_size,
                                           drop_remainder=False, data_range=config.data_range)
-        self.recon_inputs = next(iter(self.test_ds.unbatch().batch(NUM_RECONSTRUCTIONS)))
+        try:
+            self.recon_inputs = next(iter(self.test_ds.unbatch().batch(NUM_RECONSTRUCTIONS)))
+        except StopIteration:
+            raise UsageError(f'the test split of {splits.source} ({splits.num_test} files) gives '
+                             f'no image: {unreadable()}') from None
+        self.skipped = len(data.skipped_files())  # said at each epoch's end when it grows
         self.total = config.epochs * steps_per_epoch
         if config.max_steps:
             self.total = min(self.total, config.max_steps)
@@ -414,7 +424,11 @@ class Loop:
         self.bar = utils.progress(show=trainer.chief, total=self.total, initial=step, unit='step',
                                   dynamic_ncols=True, desc=config.experiment_name)
         for step in range(step + 1, self.total + 1):
-            stats = trainer.train_step(next(batches))
+            try:
+                batch = next(batches)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                self.ran_out(step - 1)
+            stats = trainer.train_step(batch)
             self.bar.update(1)
             end = step % per_epoch == 0 or step == self.total
             save = end or (config.checkpoint_every and step % config.checkpoint_every == 0)
@@ -458,9 +472,26 @@ class Loop:
             run_folder.append_row(self.config.run_dir, row)
             trainer.reset_train_means()
             self.row = row
-            (self.bar.write if self.bar is not None else print)(format_row(row))
+            say = self.bar.write if self.bar is not None else print
+            say(format_row(row))
+            if len(data.skipped_files()) > self.skipped:
+                self.skipped = len(data.skipped_files())
+                say(f'warning: {unreadable()}', file=sys.stderr)
         if save:
             trainer.save()
+
+    def ran_out(self, step):
+        """The training split gives no more batches (its files vanished or became unreadable):
+        saves the step reached and stops in one line (RunFailed)."""
+        trainer = self.trainer
+        if self.bar is not None:
+            self.bar.close()
+        if step and trainer.checkpoints.saved_step != step:
+            trainer.epoch.assign(step // self.steps_per_epoch)
+            trainer.save()
+        raise utils.RunFailed(f'the training split of {self.splits.source} gives no more batches '
+                              f'of {self.config.batch_size} after step {step}: {unreadable()}; '
+                              f'{trainer.checkpoints.last_checkpoint()}')
 
     def interrupted(self, e):
         """Ctrl-C or SIGTERM: saves the step reached (further signals are ignored until the save
@@ -496,6 +527,15 @@ def format_row(row):
         line += (f' (above {BITS_PER_VALUE} bits/dim: batch norm\'s moving statistics lag the '
                  f'weights; evaluate.py measures)')
     return line
+
+
+def unreadable():
+    """What the streams of this process could not read: 'N image files could not be read, e.g.
+    A, B, C'."""
+    files = data.skipped_files()
+    if not files:
+        return 'its image files could not be read'
+    return f"{len(files)} image file(s) could not be read, e.g. {', '.join(files[:3])}"
 
 
 def check_finite(stats, step, trainer):

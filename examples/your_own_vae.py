@@ -4,15 +4,15 @@ The encoder and decoder below are any Keras networks (not this project's models.
 sigma-VAE is the three lines marked `# sigma-VAE`: import, the decoder's likelihood with the
 optimal shared sigma* (Rybkin et al. 2021), and the Keras model whose train_step calls
 losses.vae_loss. Trains one epoch of Fashion-MNIST (read offline from Debian's IDX files),
-prints the test bits/dim (density and 8-bit values) and writes a 10x10 grid of samples.
+prints the test bits/dim (density and 8-bit values) and writes a 10x10 grid of samples
+(output/your_own_vae_samples.png).
 """
-import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
+import utils  # noqa: E402  (the project's, after its path: quiet TensorFlow, one-line errors)
 utils.quiet_tensorflow()
 
 import keras  # noqa: E402
@@ -42,19 +42,27 @@ def make_decoder(image_size, channels, z_dim):
     return keras.Model(inputs, x)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    """The flags, and the paths they name checked before any work (one line, exit status 2)."""
+    p = utils.ArgumentParser(prog='your_own_vae.py', description=__doc__.splitlines()[0])
     p.add_argument('--dataset', default='fashion_mnist',
                    help='fashion_mnist, or the path of a folder of images (tests)')
-    p.add_argument('--steps', '--max_steps', dest='steps', type=int, default=None,
+    p.add_argument('--steps', '--max_steps', dest='steps', type=utils.positive(), default=None,
                    help='training steps (default: one epoch)')
-    p.add_argument('--batch_size', type=int, default=64)
-    p.add_argument('--z_dim', type=int, default=20)
-    p.add_argument('--lr', type=float, default=1e-3)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--samples', default='samples.png', help='the PNG of the sample grid')
+    p.add_argument('--batch_size', type=utils.positive(), default=64)
+    p.add_argument('--z_dim', type=utils.positive(), default=20)
+    p.add_argument('--lr', type=utils.positive(float), default=1e-3)
+    p.add_argument('--seed', type=utils.number(int, 0, 2 ** 31 - 1), default=0)
+    p.add_argument('--samples', default='output/your_own_vae_samples.png',
+                   help='the PNG of the sample grid')
     args = p.parse_args(argv)
+    if os.sep in args.dataset:
+        utils.check_input(args.dataset, '--dataset', 'folder')
+    utils.check_output(args.samples, '--samples')
+    return args
 
+
+def train(args):
     keras.utils.set_random_seed(args.seed)
     size = 28
     splits = data.load(args.dataset, image_size=size, seed=args.seed)
@@ -63,11 +71,12 @@ def main(argv=None):
     encoder = make_encoder(size, splits.channels, args.z_dim)
     decoder = make_decoder(size, splits.channels, args.z_dim)
 
-    likelihood = losses.DECODERS['optimal']()  # sigma-VAE: N(x_hat, sigma*^2), sigma* the batch RMSE
+    # N(x_hat, sigma*^2), sigma* the batch RMSE, for data in [-1, 1] (the pipeline's)
+    likelihood = losses.DECODERS['optimal'](data_range=(-1, 1))  # sigma-VAE
     vae = models.VAE(encoder, decoder, likelihood, seed=args.seed)  # sigma-VAE
     vae.compile(keras.optimizers.Adam(args.lr))
     start = time.time()
-    vae.fit(train_ds, epochs=1, steps_per_epoch=args.steps, verbose=2)
+    vae.fit(train_ds, epochs=1, steps_per_epoch=args.steps, verbose=0, shuffle=False)
     test = vae.evaluate(test_ds, return_dict=True, verbose=0)
     print(f'{splits.source}: trained {int(vae.optimizer.iterations.numpy())} steps in '
           f'{time.time() - start:.0f} s; test -ELBO {test["neg_elbo"]:.2f} nats/image, '
@@ -76,10 +85,15 @@ def main(argv=None):
           f'sigma* {float(tf.exp(test["log_sigma"])):.4f}')
 
     z = tf.random.stateless_normal((100, args.z_dim), seed=[args.seed, 2])
+    os.makedirs(os.path.dirname(os.path.abspath(args.samples)), exist_ok=True)
     utils.save_png(args.samples, utils.image_grid(data.to_uint8(vae.decode(z)), 10, 10))
     print(f'wrote {args.samples}')
     return test
 
 
+def main(argv=None):
+    return utils.run_command('your_own_vae.py', parse_args, train, argv)
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

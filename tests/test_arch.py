@@ -59,9 +59,9 @@ def test_every_network_at_64_and_resnets_latent_weights():
 
 def test_original_is_the_default_network():
     keras.utils.set_random_seed(0)
-    a = models.network_vae(28, 1, 3, losses.Gaussian())
+    a = models.network_vae(28, 1, 3, losses.Gaussian((-1, 1)))
     keras.utils.set_random_seed(0)
-    b = models.network_vae(28, 1, 3, losses.Gaussian(), arch='original', width=64)
+    b = models.network_vae(28, 1, 3, losses.Gaussian((-1, 1)), arch='original', width=64)
     assert [w.shape for w in a.weights] == [w.shape for w in b.weights]
     for u, v in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_array_equal(u, v)
@@ -73,7 +73,7 @@ def test_original_is_the_default_network():
 def test_a_few_steps_lower_the_loss(arch, model):
     """Eager Adam steps on one batch and one noise draw: finite, the weights move, the loss drops."""
     keras.utils.set_random_seed(1)
-    vae = models.network_vae(28, 1, 3, losses.DECODERS[model](), arch=arch, **TINY_NET)
+    vae = models.network_vae(28, 1, 3, losses.DECODERS[model]((-1, 1)), arch=arch, **TINY_NET)
     optimizer = keras.optimizers.Adam(3e-3)
     x = _batch(1)
     eps = tf.random.stateless_normal((8, vae.z_dim), seed=[1, 2])
@@ -82,7 +82,7 @@ def test_a_few_steps_lower_the_loss(arch, model):
     for _ in range(6):
         with tf.GradientTape() as tape:
             params, mu, log_var = vae(x, eps, training=True)
-            loss, stats = losses.vae_loss(vae.likelihood, x, params, mu, log_var)
+            loss, stats = losses.vae_loss(vae.likelihood, x, params, mu, log_var, training=True)
         grads = tape.gradient(loss, vae.trainable_variables)
         optimizer.apply_gradients(zip(grads, vae.trainable_variables))
         history.append(float(stats['neg_elbo']))
@@ -97,7 +97,7 @@ def test_iw_nll_with_one_sample_is_the_negative_elbo_of_the_same_z(arch, model):
     """K = 1: log w = log p(x|z) + log p(z) - log q(z|x) of the one z, whose q (for a
     hierarchical network, the path's) comes from models.forward; log densities by hand."""
     keras.utils.set_random_seed(2)
-    vae = models.network_vae(28, 1, 3, losses.DECODERS[model](), arch=arch, **TINY_NET)
+    vae = models.network_vae(28, 1, 3, losses.DECODERS[model]((-1, 1)), arch=arch, **TINY_NET)
     x = tf.constant(np.round(np.random.default_rng(4).uniform(0, 255, (4, 28, 28, 1)))
                     / 127.5 - 1, tf.float32)
     nll, discrete, seen = evaluation.importance_weighted_nll(
@@ -120,7 +120,7 @@ def test_hierarchical_kl_is_each_groups_gaussian_kl_in_numpy():
     the conditional prior p = N(mu_p, sigma_p^2) the encoder reports for the sampled path; and
     the decoder, given that path's u, gives the encoder's output (one top-down path)."""
     keras.utils.set_random_seed(3)
-    vae = models.network_vae(28, 1, 3, losses.Gaussian(), arch='hierarchical', **TINY_NET)
+    vae = models.network_vae(28, 1, 3, losses.Gaussian((-1, 1)), arch='hierarchical', **TINY_NET)
     x = _batch(5, 4)
     # Training moves the posterior heads off their start (q = p) and the prior off N(0, 1).
     optimizer = keras.optimizers.Adam(1e-2)
@@ -128,7 +128,7 @@ def test_hierarchical_kl_is_each_groups_gaussian_kl_in_numpy():
         with tf.GradientTape() as tape:
             eps = tf.random.stateless_normal((4, vae.z_dim), seed=[i, 1])
             params, mu, log_var = vae(x, eps, training=True)
-            loss, _ = losses.vae_loss(vae.likelihood, x, params, mu, log_var)
+            loss, _ = losses.vae_loss(vae.likelihood, x, params, mu, log_var, training=True)
         optimizer.apply_gradients(zip(tape.gradient(loss, vae.trainable_variables),
                                       vae.trainable_variables))
     eps = tf.random.stateless_normal((4, vae.z_dim), seed=[9, 9])
@@ -240,9 +240,11 @@ def test_free_bits_value_and_no_gradient_below_lambda():
     with tf.GradientTape(persistent=True) as tape:
         groups = [losses.kl_divergence(mu[:, :2], log_var[:, :2]),
                   losses.kl_divergence(mu[:, 2:], log_var[:, 2:])]
-        plain, stats = losses.vae_loss(losses.Gaussian(), x, params, mu, log_var, groups=[2, 3])
-        loss, fb_stats = losses.vae_loss(losses.Gaussian(), x, params, mu, log_var, free_bits=lam,
-                                         groups=[2, 3])
+        gaussian = losses.Gaussian((-1, 1))
+        plain, stats = losses.vae_loss(gaussian, x, params, mu, log_var, training=True,
+                                       groups=[2, 3])
+        loss, fb_stats = losses.vae_loss(gaussian, x, params, mu, log_var, training=True,
+                                         free_bits=lam, groups=[2, 3])
         big = tf.reduce_sum(groups[1])
     small_mean = float(tf.reduce_mean(tf.reduce_sum(groups[0], -1)))
     assert small_mean < lam < float(tf.reduce_mean(tf.reduce_sum(groups[1], -1)))
@@ -255,12 +257,12 @@ def test_free_bits_value_and_no_gradient_below_lambda():
     np.testing.assert_array_equal(grad[:, :2], 0.0)  # below lambda: no gradient
     np.testing.assert_allclose(grad[:, 2:], tape.gradient(big, mu).numpy()[:, 2:], rtol=1e-6)
     # One group (a single-latent network): the whole z, below lambda here.
-    loss1, _ = losses.vae_loss(losses.Gaussian(), x, params, mu[:, :2], log_var[:, :2],
-                               free_bits=lam)
+    loss1, _ = losses.vae_loss(losses.Gaussian((-1, 1)), x, params, mu[:, :2], log_var[:, :2],
+                               training=True, free_bits=lam)
     np.testing.assert_allclose(float(loss1), rec + 4 * lam, rtol=1e-5)
     # mse's means: the floor is a mean too (lambda / Z per dimension, averaged).
-    loss_mse, _ = losses.vae_loss(losses.MSE(), x, params, mu[:, :2], log_var[:, :2],
-                                  free_bits=lam)
+    loss_mse, _ = losses.vae_loss(losses.MSE((-1, 1)), x, params, mu[:, :2], log_var[:, :2],
+                                  training=True, free_bits=lam)
     np.testing.assert_allclose(float(loss_mse), float(tf.reduce_mean(tf.square(x - params)))
                                + lam / 2, rtol=1e-5)
 

@@ -255,7 +255,7 @@ def test_a_decoder_registered_at_run_time_trains_and_is_evaluated(image_folder, 
                                                                    monkeypatch, capsys):
     monkeypatch.setitem(losses.DECODERS, 'toy', Laplace)
     x = np.arange(256, dtype=np.float32)[:, None, None, None] * LEVEL - 1.0
-    p = Laplace().test_terms(x, np.full_like(x, 0.1))[1].numpy()
+    p = Laplace((-1, 1)).test_terms(x, np.full_like(x, 0.1))[1].numpy()
     assert np.exp(-p.astype(np.float64)).sum() == pytest.approx(1.0, abs=1e-5)
 
     out = tmp_path / 'cmp'

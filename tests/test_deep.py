@@ -33,13 +33,13 @@ def _batch(seed):
 def test_a_new_hierarchical_network_starts_with_every_lower_group_at_the_prior():
     # posterior 'z': the prior and the posterior convolutions start at 0, so q = p = N(0, I)
     # in every lower group: their KL is 0 exactly, whatever the image.
-    vae = models.network_vae(28, 1, 3, losses.Gaussian(), arch='hierarchical', **TINY_NET)
+    vae = models.network_vae(28, 1, 3, losses.Gaussian((-1, 1)), arch='hierarchical', **TINY_NET)
     x = tf.constant(np.random.default_rng(1).uniform(-1, 1, (4, 28, 28, 1)), tf.float32)
     _, m, log_s2, mu_p, log_var_p = vae.encoder([x, tf.zeros((4, vae.z_dim))])
     lower = slice(vae.groups[0], None)
     for t in (m, log_s2, mu_p, log_var_p):
         assert np.all(t.numpy()[:, lower] == 0)
-    residual = models.network_vae(28, 1, 3, losses.Gaussian(), arch='hierarchical',
+    residual = models.network_vae(28, 1, 3, losses.Gaussian((-1, 1)), arch='hierarchical',
                                   posterior='residual', **TINY_NET)
     _, _, _, mu_p, _ = residual.encoder([x, tf.zeros((4, vae.z_dim))])
     assert np.std(mu_p.numpy()[:, lower]) > 1e-3  # the earlier design: a random prior

@@ -32,13 +32,13 @@ def test_losses_imports_only_math_keras_and_tensorflow():
 
 @pytest.mark.parametrize('model', list(losses.DECODERS))
 def test_vae_loss_is_the_decoders_objective_and_its_metrics(model):
-    likelihood = losses.DECODERS[model]()
+    likelihood = losses.DECODERS[model]((-1, 1))
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(-1, 1, (4, 6, 6, 1)), tf.float32)
     params = tf.constant(rng.uniform(-0.9, 0.9, (4, 6, 6, likelihood.params_per_value)), tf.float32)
     mu, log_var = (tf.constant(rng.normal(size=(4, 3)), tf.float32) for _ in range(2))
     beta = 0.5
-    loss, stats = losses.vae_loss(likelihood, x, params, mu, log_var, beta)
+    loss, stats = losses.vae_loss(likelihood, x, params, mu, log_var, beta, training=True)
     assert set(stats) == set(losses.METRICS)
     kl = tf.reduce_sum(losses.kl_divergence(mu, log_var), -1)
     if model == 'mse':  # the original's means over batch and values
@@ -191,11 +191,14 @@ def test_the_example_trains_with_fit_and_writes_samples(image_folder, tmp_path, 
     finally:
         sys.path.pop(0)
     png = tmp_path / 'samples.png'
-    test = your_own_vae.main(['--dataset', image_folder, '--steps', '3', '--batch_size', '8',
-                              '--z_dim', '4', '--samples', str(png)])
-    out = capsys.readouterr().out
+    test = your_own_vae.train(your_own_vae.parse_args([
+        '--dataset', image_folder, '--steps', '3', '--batch_size', '8', '--z_dim', '4',
+        '--samples', str(png)]))
+    captured = capsys.readouterr()
+    out = captured.out
     assert 'trained 3 steps' in out and 'bits/dim (density)' in out and 'bits/dim (8-bit values)' in out
     assert np.isfinite(test['bits_per_dim']) and np.isfinite(test['bits_per_dim_discrete'])
+    assert captured.err == ''  # only its own lines: no warning of Keras' (shuffle=True)
     from PIL import Image
     assert Image.open(png).size == (280, 280)
 
@@ -217,7 +220,7 @@ def test_keras_callbacks_checkpoint_log_stop_and_resume(tmp_path):
     def make():
         keras.utils.set_random_seed(0)
         vae = models.FitVAE(your_own_vae.make_encoder(28, 1, 4), your_own_vae.make_decoder(28, 1, 4),
-                            losses.DECODERS['optimal'](log_sigma_min=-5.0), seed=2)
+                            losses.DECODERS['optimal']((-1, 1), log_sigma_min=-5.0), seed=2)
         vae.compile(keras.optimizers.Adam(1e-3))
         return vae
 

@@ -14,6 +14,7 @@ from PIL import Image
 import data
 import generate
 import run_folder
+import utils
 from conftest import TINY, run, trained_run
 import checkpoints
 import priors
@@ -84,7 +85,8 @@ def test_sample_writes_npz_png_and_folder_deterministically(trained, tmp_path, c
     assert not grid[28:, 2 * 28:].any()  # the 8 cells after the 12 images stay black
 
     assert gen('sample', '--run', run_dir, '--n', 3, '--seed', 4, '--out', tmp_path / 'f') == 0
-    assert sorted(os.listdir(tmp_path / 'f')) == ['000000.png', '000001.png', '000002.png']
+    assert sorted(os.listdir(tmp_path / 'f')) == [utils.MARKER, '000000.png', '000001.png',
+                                                  '000002.png']
     other = pil_images(folder_files(tmp_path / 'f'))
     assert not np.array_equal(other, images[:3])  # another seed, other samples
     assert capsys.readouterr().out.count('wrote') == 3
@@ -321,23 +323,23 @@ def bad_places(trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize('argv, words', [
-    (['sample', '--run', '{root}/nowhere', '--out', '{root}/x.png'], 'is not a run folder'),
+    (['sample', '--run', '{root}/nowhere', '--out', '{root}/x.png'], "--run '{root}/nowhere' does not exist"),
     (['sample', '--run', '{root}/no_ckpt', '--out', '{root}/x.png'], 'has no checkpoint'),
     (['reconstruct', '--run', '{run}', '--images', '{root}/missing', '--out', '{root}/x.png'],
-     "image path '{root}/missing' does not exist"),
+     "--images '{root}/missing' does not exist"),
     (['encode', '--run', '{run}', '--images', '{root}/not_an_image.png', '--out', '{root}/x.npz'],
      'cannot read image'),
     (['interpolate', '--run', '{run}', '--a', '{root}/not_an_image.png', '--b', '{image}',
       '--out', '{root}/x.png'], 'cannot read image'),
     (['interpolate', '--run', '{run}', '--a', '{root}', '--b', '{image}', '--out', '{root}/x.png'],
-     '--a must be an image file'),
+     "--a '{root}' is a folder, not a file"),
     (['traverse', '--run', '{run}', '--dims', '1,4', '--out', '{root}/x.png'],
      '--dims must be between 0 and 3'),
     (['sample', '--run', '{run}', '--out', '{root}/x.jpg'], '--out must be a .png file or an .npz file or a folder'),
     (['encode', '--run', '{run}', '--images', '{image}', '--out', '{root}/x.png'], '--out must be an .npz file'),
-    (['sample', '--run', '{run}', '--out', '{root}/not_an_image.png/x.png'], 'not a writable folder'),
+    (['sample', '--run', '{run}', '--out', '{root}/not_an_image.png/x.png'], 'is a file, not a folder'),
     (['export', '--run', '{run}', '--out', '{root}/full'],
-     'holds files that an export does not write (notes.txt)'),
+     'holds files the tool did not write (notes.txt)'),
     (['reconstruct', '--run', '{run}', '--out', '{root}/x.png'], 'give --images'),
     (['interpolate', '--run', '{run}', '--a', '{image}', '--out', '{root}/x.png'], 'give two images'),
     (['interpolate', '--run', '{run}', '--test_images', '1', '--out', '{root}/x.png'],

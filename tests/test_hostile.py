@@ -73,7 +73,7 @@ def test_export_over_a_saved_model_with_other_files_refuses_and_keeps_them(train
     capsys.readouterr()
     assert generate.main(['export', '--run', trained, '--out', str(out)]) == 2
     line = one_error_line(capsys, 'generate.py')
-    assert 'photos/' in line and 'precious.txt' in line and 'variables/notes.txt' in line
+    assert 'photos/' in line and 'precious.txt' in line and 'variables/' in line
     assert files_under(out) == before
     assert (out / 'precious.txt').read_text() == 'mine'
     assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp-')]
@@ -604,3 +604,365 @@ def test_a_saved_model_takes_an_empty_batch_everywhere(saved_model_calls):
 def test_a_saved_model_refuses_a_negative_n(saved_model_calls):
     for name in ('sample -1', 'sample -1 signature'):
         assert 'n must be >= 0' in refusal(saved_model_calls, name), name
+
+
+# ==== Round four (issue 26): folders the tool did not make, links, stale outputs, a cache ====
+# ==== that mixed data sets, missing images, your own model under a strategy               ====
+
+def snapshot(folder):
+    """{relative path: bytes or the link's target} of everything under folder."""
+    out = {}
+    for root, dirs, names in os.walk(folder):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = (os.readlink(path) if os.path.islink(path)
+                                                  else open(path, 'rb').read())
+    return out
+
+
+TWO_STEPS = ['--max_steps', '2'] + TINY
+
+
+# ---- R4-1. a folder that exists and is no run folder: refused before anything is written -----
+
+@pytest.mark.parametrize('entries', [
+    {'config.json': '{"mine": 1}', 'lock': 'x', 'sub/.tmp-keep': 'k'},  # the audit's case
+    {'metrics.jsonl': 'my own rows\n', 'notes.txt': 'mine'},
+])
+def test_training_refuses_a_folder_it_did_not_make(image_folder, tmp_path, capsys, entries):
+    d = tmp_path / 'd'
+    for name, text in entries.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+    before = snapshot(d)
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name',
+                'd'] + TWO_STEPS) == 2
+    assert 'is not a run folder of this tool' in one_error_line(capsys, 'train.py')
+    assert snapshot(d) == before
+
+
+def test_temporaries_are_cleaned_in_the_run_folder_only(image_folder, tmp_path):
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name',
+                'r'] + TWO_STEPS) == 0
+    run_dir = tmp_path / 'r'
+    (run_dir / 'sub').mkdir()
+    (run_dir / 'sub' / '.tmp-keep').write_text('k')  # not the tool's, in a folder not its own
+    (run_dir / '.tmp-0123456789ab.png').write_text('a killed write')  # the tool's own leftover
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name',
+                'r', '--max_steps', '3'] + TINY) == 0
+    assert (run_dir / 'sub' / '.tmp-keep').read_text() == 'k'
+    assert not (run_dir / '.tmp-0123456789ab.png').exists()
+
+
+# ---- R4-2. links: never written through ------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['lock', 'metrics.jsonl'])
+def test_a_link_in_a_run_folder_is_refused_not_written_through(trained, tmp_path, capsys, name,
+                                                               image_folder):
+    import shutil
+    copy = tmp_path / 'h'
+    shutil.copytree(trained, copy)
+    target = tmp_path / 'precious.txt'
+    target.write_text('keep')
+    os.remove(copy / name)
+    os.symlink(target, copy / name)
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name',
+                'h', '--max_steps', '3'] + TINY) == 2
+    assert 'symbolic link' in one_error_line(capsys, 'train.py')
+    assert target.read_text() == 'keep'
+    if name == 'lock':
+        assert evaluate.main(['--run', str(copy), '--export', '--features', 'none',
+                              '--iw_samples', '2', '--fid_samples', '4']) == 2
+        assert 'symbolic link' in one_error_line(capsys, 'evaluate.py')
+        assert target.read_text() == 'keep'
+
+
+# ---- R4-3. image outputs: the tool's own folder, holding exactly the last output --------------
+
+def test_an_output_folder_of_someone_elses_images_is_refused(trained, tmp_path, capsys):
+    out = tmp_path / 'mine'
+    out.mkdir()
+    (out / '000000.png').write_bytes(b'my own picture')
+    for argv in (['sample', '--n', '3'], ['reconstruct', '--test_images', '0,1']):
+        assert generate.main(argv + ['--run', trained, '--out', str(out)]) == 2
+        assert 'holds files the tool did not write' in one_error_line(capsys, 'generate.py')
+    assert (out / '000000.png').read_bytes() == b'my own picture'
+
+
+def test_an_output_folder_holds_exactly_the_last_output(trained, tmp_path):
+    out = tmp_path / 'samples'
+    assert generate.main(['sample', '--run', trained, '--n', '10', '--out', str(out)]) == 0
+    assert generate.main(['sample', '--run', trained, '--n', '4', '--out', str(out)]) == 0
+    assert sorted(os.listdir(out)) == [utils.MARKER] + [f'{i:06d}.png' for i in range(4)]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp-')]
+
+
+def test_exported_samples_are_the_last_exports_alone(trained, tmp_path):
+    import shutil
+    copy = tmp_path / 'h'
+    shutil.copytree(trained, copy)
+    for n in (5, 4):
+        assert evaluate.main(['--run', str(copy), '--export', '--features', 'none',
+                              '--iw_samples', '2', '--fid_samples', str(n), '--prior',
+                              'normal']) == 0
+    pngs = [n for n in os.listdir(copy / 'samples_png') if n.endswith('.png')]
+    assert len(pngs) == 4 == len(np.load(copy / 'samples.npz')['images'])
+
+
+# ---- R4-4. the on-disk cache: the data it was made of, checked on read -------------------------
+
+def test_the_disk_cache_of_one_folder_never_serves_another(tmp_path, monkeypatch):
+    # Two folders of the same names and sizes (uncompressed PNGs: black, white), too large for
+    # the memory cache: each run sees its own pixels.
+    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / 'cache'))
+    monkeypatch.setattr(data, 'MEMORY_CACHE_BUDGET', 0)
+    means = []
+    for name, value in (('black', 0), ('white', 255)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(12):
+            Image.fromarray(np.full((28, 28), value, np.uint8)).save(folder / f'{i:02d}.png',
+                                                                      compress_level=0)
+        splits = data.load(str(folder), None, 28, 0)
+        for _ in range(2):  # the first pass writes the cache, the second reads it
+            batches = data.make_pipeline(splits.train, 28, 4, drop_remainder=False,
+                                         data_range='0,1')
+            means.append(float(np.mean(np.concatenate([b.numpy() for b in batches]))))
+    assert [os.path.getsize(tmp_path / 'black' / '00.png')] == [
+        os.path.getsize(tmp_path / 'white' / '00.png')]
+    assert means == [0.0, 0.0, 1.0, 1.0]
+
+
+# ---- R4-5. missing images: counted and said, never silently dropped ----------------------------
+
+def test_an_unreadable_subfolder_is_said(tmp_path, monkeypatch, capsys):
+    folder = make_images(tmp_path / 'g')
+    walk = os.walk
+
+    def unreadable_class1(top, onerror=None, **kwargs):  # what a folder without rights gives
+        for root, dirs, names in walk(top, onerror=onerror, **kwargs):
+            if os.path.basename(root) == 'class1':
+                onerror(PermissionError(13, 'Permission denied', root))
+                continue
+            yield root, dirs, names
+    monkeypatch.setattr(os, 'walk', unreadable_class1)
+    data.load(str(folder), None, 28, 0)
+    err = capsys.readouterr().err
+    assert 'skipped 1 folder(s) that could not be read' in err and 'class1' in err
+
+
+def test_a_split_without_readable_images_is_one_line(tmp_path, capsys):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    for i in range(10):
+        (empty / f'{i}.png').write_bytes(b'')
+    assert run(['--dataset', str(empty), '--output_dir', str(tmp_path / 'o')] + TWO_STEPS) == 2
+    assert '(10 of them of 0 bytes)' in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / 'o').exists()  # nothing written
+    # Readable training images, a test split of empty files: refused before the run folder.
+    # The test split is the first 10% of a permutation seeded by --seed of the sorted files
+    # (data.load_folder's docstring); with the empty ones listed, the split does not move.
+    folder = make_images(tmp_path / 'g', n=40)
+    files = data.list_images(str(folder))[0]
+    order = np.random.default_rng(1).permutation(len(files))  # TINY's --seed 1
+    for i in order[:4]:
+        open(files[i], 'wb').close()
+    capsys.readouterr()
+    assert run(['--dataset', str(folder), '--output_dir', str(tmp_path / 'o2')] + TWO_STEPS) == 2
+    assert 'the test split of' in one_error_line_of(capsys, 'train.py')
+    assert not (tmp_path / 'o2' / 'sigma').exists()
+
+
+def one_error_line_of(capsys, prog):
+    """The error line among stderr's lines (warnings before it allowed)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith(f'{prog}: error: ')]
+    assert len(errors) == 1 and 'Traceback' not in '\n'.join(lines), lines
+    return errors[0]
+
+
+def test_file_names_that_are_not_utf8_train_and_generate(tmp_path, capsys):
+    folder = make_images(tmp_path / 'g')
+    odd = os.path.join(os.fsencode(folder / 'class0'), b'\xff\xfe.png')
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(os.fsdecode(odd))
+    assert run(['--dataset', str(folder), '--output_dir', str(tmp_path / 'o')] + TWO_STEPS) == 0
+    assert generate.main(['encode', '--run', str(tmp_path / 'o' / 'sigma'), '--images',
+                          str(folder / 'class0'), '--out', str(tmp_path / 'codes.npz')]) == 0
+
+
+# ---- R4-6, 8, 9. flags: one line, naming the flag that is wrong --------------------------------
+
+@pytest.mark.parametrize('argv, words', [
+    (['--width', '1' + '0' * 400], '--width: must be a positive integer of at most'),
+    (['--kl_warmup', '1' + '0' * 400], '--kl_warmup: must be a positive integer of at most'),
+    (['--width', '100000000'], '--width 100000000 is too large'),
+])
+def test_sizes_beyond_any_machine_are_one_line_naming_the_flag(image_folder, tmp_path, capsys,
+                                                               argv, words):
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path)] + TWO_STEPS + argv) == 2
+    assert words in one_error_line(capsys, 'train.py')
+    assert not os.listdir(tmp_path)
+
+
+def test_compare_refuses_a_heuristic_no_run_would_use(image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.main(['--dataset', image_folder, '--output_dir', str(tmp_path), '--models',
+                      'sigma', '--kl_warmup', '100'])
+    assert e.value.code == 2
+    assert '--kl_warmup applies to the runs of --heuristics only' in one_error_line(capsys, 'compare.py')
+
+
+# ---- R4-7. a run that diverges before its first checkpoint is a result, not the end ----------
+
+def test_a_comparison_records_a_run_that_diverged_before_a_checkpoint(image_folder, tmp_path):
+    out = tmp_path / 'c'
+    assert compare.main(['--dataset', image_folder, '--models', 'gaussian', '--beta_sweep',
+                         '1e38', '--max_steps', '6', '--batch_size', '8', '--z_dim', '4',
+                         '--features', 'none', '--iw_samples', '2', '--output_dir', str(out)]) == 0
+    results = json.load(open(out / 'results.json'))
+    assert [r['name'] for r in results] == ['gaussian', 'beta-VAE (beta=1e+38)']
+    assert results[0]['diverged'] == 'no' and np.isfinite(results[0]['test_neg_elbo'])
+    assert results[1]['diverged'].startswith('step ') and 'test_neg_elbo' not in results[1]
+    assert '| beta-VAE (beta=1e+38) |' in open(out / 'results.md').read()
+
+
+# ---- R4-10. an export killed mid-write, an export onto a link ---------------------------------
+
+def test_an_export_cleans_a_killed_exports_leftovers_and_refuses_a_link(trained, tmp_path,
+                                                                        capsys):
+    out = tmp_path / 'model'
+    stale = tmp_path / '.tmp-model-new-999999999'  # a process that no longer runs
+    stale.mkdir()
+    (stale / 'saved_model.pb').write_bytes(b'half')
+    assert generate.main(['export', '--run', trained, '--out', str(out)]) == 0
+    assert not stale.exists() and (out / 'saved_model.pb').exists()
+    link = tmp_path / 'link'
+    os.symlink(out, link)
+    assert generate.main(['export', '--run', trained, '--out', str(link)]) == 2
+    assert 'symbolic link' in one_error_line(capsys, 'generate.py')
+    assert os.path.islink(link) and not [n for n in os.listdir(tmp_path) if n.startswith('.tmp-')]
+
+
+# ---- R4-11. your own VAE: settings that cannot train are refused when it is made --------------
+
+@pytest.mark.parametrize('kwargs, error', [
+    (dict(kl_warmup=0), ValueError), (dict(beta=float('nan')), ValueError),
+    (dict(beta=-1.0), ValueError), (dict(free_bits=-2.0), ValueError),
+    (dict(kl_warmup=2.5), ValueError), (dict(likelihood='optimal'), TypeError),
+])
+def test_your_own_vae_refuses_settings_that_cannot_train(kwargs, error):
+    import losses
+    vae = models.network_vae(28, 1, 2, losses.Gaussian((-1, 1)))
+    args = {**dict(encoder=vae.encoder, decoder=vae.decoder, likelihood=vae.likelihood), **kwargs}
+    with pytest.raises(error):
+        models.VAE(**args)
+
+
+# ---- R4-12. the example: bad flags and paths before the training -------------------------------
+
+@pytest.mark.parametrize('argv, words', [
+    (['--steps', '0'], "must be a positive integer, got '0'"),
+    (['--lr', 'nan'], "--lr: must be a positive number, got 'nan'"),
+    (['--batch_size', '0'], "--batch_size: must be a positive integer, got '0'"),
+    (['--dataset', '/no/such/folder'], "--dataset '/no/such/folder' does not exist"),
+])
+def test_the_example_refuses_bad_flags_in_one_line(argv, words, capsys):
+    your_own_vae = _example()
+    try:
+        status = your_own_vae.main(argv)
+    except SystemExit as e:  # argparse's own refusal
+        status = e.code
+    assert status == 2 and words in capsys.readouterr().err
+
+
+def test_the_example_refuses_an_unwritable_output_before_training(tmp_path, monkeypatch, capsys):
+    your_own_vae = _example()
+    monkeypatch.setattr(data, 'load', lambda *a, **k: pytest.fail('trained first'))
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    assert your_own_vae.main(['--samples', str(blocker / 'samples.png')]) == 2
+    assert "--samples" in capsys.readouterr().err
+
+
+def _example():
+    import importlib
+    import sys
+    sys.path.insert(0, os.path.join(REPO_DIR, 'examples'))
+    try:
+        return importlib.import_module('your_own_vae')
+    finally:
+        sys.path.pop(0)
+
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- R4-13, 14, 15. your own model with vae_loss: the global batch, the data range, the mean ----
+
+SIGMA_OF_REPLICAS = r'''
+import losses
+likelihood = losses.DECODERS['optimal']((-1, 1), log_sigma_min=None)
+
+def step(x, params):  # a train_step of one's own: vae_loss without the distribution hooks
+    mu = log_var = tf.zeros((tf.shape(x)[0], 2))
+    return losses.vae_loss(likelihood, x, params, mu, log_var, training=True)[1]['log_sigma']
+
+x = np.zeros((4, 2, 2, 1), np.float32)
+# Replica 0's two images err by 0.1 everywhere, replica 1's by 0.3: the global RMS is sqrt(0.05).
+params = np.concatenate([np.full((2, 2, 2, 1), 0.1), np.full((2, 2, 2, 1), 0.3)]).astype('float32')
+data = tf.data.Dataset.from_tensor_slices((x, params)).batch(4)
+batch = next(iter(MIRRORED.experimental_distribute_dataset(data)))
+result = MIRRORED.run(step, args=batch)
+json.dump([float(v) for v in MIRRORED.experimental_local_results(result)],
+          open(os.path.join(sys.argv[2], 'result.json'), 'w'))
+'''
+
+
+def test_sigma_star_is_the_global_batchs_under_a_strategy_without_extra_arguments(tmp_path):
+    from conftest import on_two_cpus
+    log_sigmas = on_two_cpus(SIGMA_OF_REPLICAS, tmp_path)
+    assert len(log_sigmas) == 2
+    for value in log_sigmas:
+        assert value == pytest.approx(0.5 * np.log(0.05), abs=1e-5)
+
+
+def test_a_likelihood_states_its_data_range_and_refuses_data_outside_it():
+    import losses
+    import tensorflow as tf
+    with pytest.raises(TypeError):
+        losses.DECODERS['optimal']()
+    likelihood = losses.DECODERS['gaussian']((0, 1))
+    x = tf.constant(np.full((2, 4, 4, 1), -0.5), tf.float32)  # data in [-1, 1]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside the likelihood's data range"):
+        losses.vae_loss(likelihood, x, x, tf.zeros((2, 2)), tf.zeros((2, 2)), training=True)
+    vae = models.network_vae(28, 1, 2, likelihood)
+    vae.compile('adam')
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside the likelihood's data range"):
+        vae.fit(np.full((4, 28, 28, 1), -1.0, np.float32), epochs=1, verbose=0)
+
+
+def test_the_reduction_is_stated_and_predict_gives_reconstructions():
+    import keras
+    import losses
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(-1, 1, (4, 6, 6, 1)), tf.float32)
+    params = tf.constant(rng.uniform(-0.9, 0.9, (4, 6, 6, 1)), tf.float32)
+    mu, log_var = (tf.constant(rng.normal(size=(4, 3)), tf.float32) for _ in range(2))
+    for name in ('gaussian', 'optimal', 'logistic'):
+        likelihood = losses.DECODERS[name]((-1, 1))
+        p = tf.concat([params] * likelihood.params_per_value, -1)
+        total, _ = losses.vae_loss(likelihood, x, p, mu, log_var, training=True)
+        mean, _ = losses.vae_loss(likelihood, x, p, mu, log_var, training=True, reduction='mean')
+        assert float(mean) == pytest.approx(float(total) / 4, rel=1e-6)
+    # A keras.io-style encoder (z_mean, z_log_var, z): its z is ignored, and said.
+    inputs = keras.Input((28, 28, 1))
+    h = keras.layers.Flatten()(inputs)
+    z_mean, z_log_var = keras.layers.Dense(2)(h), keras.layers.Dense(2)(h)
+    encoder = keras.Model(inputs, [z_mean, z_log_var, z_mean + 0 * z_log_var])
+    decoder = models.network_vae(28, 1, 2, losses.Gaussian((-1, 1))).decoder
+    with pytest.warns(UserWarning, match="third output"):
+        vae = models.VAE(encoder, decoder, losses.Gaussian((-1, 1)))
+    images = rng.uniform(-1, 1, (3, 28, 28, 1)).astype('float32')
+    np.testing.assert_allclose(vae.predict(images, verbose=0), vae.reconstruct(images).numpy(),
+                               rtol=1e-5, atol=1e-6)

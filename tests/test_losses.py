@@ -97,7 +97,7 @@ def test_log_ndtr_matches_erfc_in_float64_everywhere():
 
 def test_shared_sigma_gradient_reaches_log_sigma_with_the_closed_form():
     x, x_hat, _, _ = batch()
-    likelihood = losses.SharedSigma(log_sigma_min=-6.0)
+    likelihood = losses.SharedSigma((-1, 1), log_sigma_min=-6.0)
     likelihood.log_sigma.assign(-0.4)
     with tf.GradientTape() as tape:
         values, _, _ = likelihood.train_terms(x, x_hat)
@@ -126,8 +126,8 @@ def test_optimal_sigma_gradient_same_with_and_without_stop_gradient(log_sigma_mi
             loss = tf.reduce_sum(likelihood.train_terms(x_flat, net(mu))[0])
         return tape.gradient(loss, net.trainable_variables)
 
-    for a, b in zip(grads(losses.OptimalSigma(log_sigma_min=log_sigma_min)),
-                    grads(Stopped(log_sigma_min=log_sigma_min))):
+    for a, b in zip(grads(losses.OptimalSigma((-1, 1), log_sigma_min=log_sigma_min)),
+                    grads(Stopped((-1, 1), log_sigma_min=log_sigma_min))):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=rtol * np.abs(b).max())
 
 
@@ -158,7 +158,7 @@ def test_effective_beta_is_the_gaussian_kl_weight_with_the_same_gradients(name, 
     net.build((None, Z))
     mu = tf.Variable(mu)  # the KL's gradient reaches the encoder through mu and log_var
     log_var = tf.Variable(RNG.normal(scale=0.5, size=(B, Z)).astype(np.float32))
-    likelihood = losses.DECODERS[name](log_sigma_min=None)
+    likelihood = losses.DECODERS[name]((-1, 1), log_sigma_min=None)
     if name == 'sigma':
         likelihood.log_sigma.assign(log_sigma)
     beta = 0.7
@@ -166,8 +166,8 @@ def test_effective_beta_is_the_gaussian_kl_weight_with_the_same_gradients(name, 
     expected = {'sigma': beta * math.exp(2 * log_sigma), 'mse': beta * D / (2 * Z)}[name]
     assert effective == pytest.approx(expected)
     got = objective_gradients(likelihood, beta, x_flat, net, mu, log_var)
-    want = objective_gradients(losses.Gaussian(), effective, x_flat, net, mu, log_var)
+    want = objective_gradients(losses.Gaussian((-1, 1)), effective, x_flat, net, mu, log_var)
     scale = want[0].ravel() @ got[0].ravel() / (got[0].ravel() @ got[0].ravel())
     for g, w in zip(got, want):
         np.testing.assert_allclose(scale * g, w, rtol=1e-4, atol=1e-6 * np.abs(w).max())
-    assert losses.DECODERS['logistic']().effective_beta(beta, -1.0, D, Z) is None
+    assert losses.DECODERS['logistic']((-1, 1)).effective_beta(beta, -1.0, D, Z) is None

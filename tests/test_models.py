@@ -10,7 +10,7 @@ import networks
 @pytest.mark.parametrize('size', sorted(networks.ARCHITECTURES))
 @pytest.mark.parametrize('channels', [1, 3])
 def test_shapes_and_range(size, channels):
-    vae = models.network_vae(size, channels, 5, losses.Gaussian())
+    vae = models.network_vae(size, channels, 5, losses.Gaussian((-1, 1)))
     x = tf.random.uniform((3, size, size, channels), -1, 1)
     x_hat, mu, log_var = vae(x, tf.random.normal((3, 5)), training=True)
     assert x_hat.shape == x.shape and mu.shape == (3, 5) and log_var.shape == (3, 5)
@@ -19,7 +19,7 @@ def test_shapes_and_range(size, channels):
 
 
 def test_original_28x28_layers():
-    vae = models.network_vae(28, 3, 20, losses.Gaussian())
+    vae = models.network_vae(28, 3, 20, losses.Gaussian((-1, 1)))
     convs = [l for l in vae.encoder.layers if isinstance(l, tf.keras.layers.Conv2D)]
     assert [(l.filters, l.kernel_size, l.strides) for l in convs] == [(64, (5, 5), (2, 2)),
                                                                        (128, (5, 5), (2, 2))]
@@ -27,7 +27,7 @@ def test_original_28x28_layers():
 
 
 def test_batch_norm_keeps_the_originals_decay():
-    vae = models.network_vae(28, 1, 2, losses.Gaussian())
+    vae = models.network_vae(28, 1, 2, losses.Gaussian((-1, 1)))
     norms = [l for m in (vae.encoder, vae.decoder) for l in m.layers
              if isinstance(l, tf.keras.layers.BatchNormalization)]
     assert len(norms) == 3 and all((l.momentum, l.epsilon) == (0.999, 0.001) for l in norms)
@@ -35,7 +35,7 @@ def test_batch_norm_keeps_the_originals_decay():
 
 @pytest.mark.parametrize('name', ['gaussian', 'sigma', 'optimal', 'sigma_pixel'])
 def test_only_the_likelihoods_own_weights_join_the_networks(name):
-    vae = models.network_vae(28, 1, 2, losses.DECODERS[name]())
+    vae = models.network_vae(28, 1, 2, losses.DECODERS[name]((-1, 1)))
     own = [v.name for v in vae.likelihood.trainable_variables]
     assert own == (['log_sigma'] if name == 'sigma' else [])
     assert len(vae.trainable_variables) == len(vae.encoder.trainable_variables) + len(
@@ -43,7 +43,7 @@ def test_only_the_likelihoods_own_weights_join_the_networks(name):
 
 
 def test_optimal_sigma_running_average_is_debiased():
-    likelihood = losses.OptimalSigma(log_sigma_min=None)
+    likelihood = losses.OptimalSigma((-1, 1), log_sigma_min=None)
     x = tf.zeros((2, 3, 3, 1))
     assert float(likelihood.test_terms(x, x)[2][0]) == 0.0  # sigma = 1 before any update
     for _ in range(3):
@@ -52,14 +52,14 @@ def test_optimal_sigma_running_average_is_debiased():
 
 
 def test_zero_one_range_uses_a_sigmoid_output():
-    vae = models.network_vae(28, 1, 3, losses.Gaussian(), data_range='0,1')
+    vae = models.network_vae(28, 1, 3, losses.Gaussian((0, 1)))
     x_hat = vae.decode(tf.random.normal((64, 3)) * 10).numpy()
     assert x_hat.min() >= 0.0 and x_hat.max() <= 1.0 and x_hat.min() < 0.5
     assert vae.decoder.layers[-1].activation.__name__ == 'sigmoid'
 
 
 def test_recompute_batch_norm_averages_the_batch_statistics_under_the_current_weights():
-    vae = models.network_vae(28, 1, 3, losses.Gaussian())
+    vae = models.network_vae(28, 1, 3, losses.Gaussian((-1, 1)))
     rng = np.random.default_rng(0)
     batches = [tf.constant(rng.uniform(-1, 1, (16, 28, 28, 1)), tf.float32) for _ in range(3)]
     conv, norm = vae.encoder.layers[1], vae.encoder.layers[2]
