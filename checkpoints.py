@@ -3,13 +3,16 @@ only finite weights, keep the KEEP_CHECKPOINTS newest, set aside those that do n
 read the formats of earlier versions; `load_model`, a trained run for evaluation and generation.
 """
 import gc
+import hashlib
 import os
 import re
 import shutil
 import sys
 import time
 import types
+import zipfile
 
+import numpy as np
 import tensorflow as tf
 
 import config as settings
@@ -246,6 +249,7 @@ class Checkpoints:
                   + (f'; its files are now in {damaged}/' if moved else ''), file=sys.stderr)
         if write:
             folder.remove_temporaries()
+            remove_orphan_statistics(self.directory)
             folder.write_state(int(path.rsplit('-', 1)[1]) if path else None)
             if skipped and not path:
                 print('no checkpoint restores: starting over from step 0 (--restart)',
@@ -276,6 +280,7 @@ class Checkpoints:
         if not self.chief:
             tf.io.gfile.rmtree(self.manager.directory)
             return self.latest()
+        remove_orphan_statistics(self.directory)  # of the checkpoints the manager rotated out
         return path
 
     def latest(self):
@@ -345,8 +350,68 @@ def load_model(run_dir, batch_norm=True):
     if state.splits.fingerprint != config.data_fingerprint:
         raise UsageError(settings.data_changed(run_dir, config.dataset, config.data_fingerprint,
                                                state.splits.fingerprint))
-    if batch_norm:
+    if batch_norm and not read_batch_norm(state.path, vae):
+        print(f"{run_dir}: recomputing batch norm's statistics for {os.path.basename(state.path)} "
+              f'over {BN_BATCHES} training batches (once: they are stored beside it)', flush=True)
         models.recompute_batch_norm(vae, data.make_pipeline(
             state.splits.train, config.image_size, config.batch_size, shuffle_seed=config.seed,
-            data_range=config.data_range).take(BN_BATCHES), config.seed)
+            data_range=config.data_range).take(BN_BATCHES), config.seed, BN_BATCHES)
+        write_batch_norm(state.path, vae)
     return config, vae, state
+
+
+# ---- batch norm's statistics recomputed for a checkpoint, stored beside it ------------------
+
+BN_SUFFIX = '.batch_norm.npz'  # ckpt-<step>.batch_norm.npz
+
+
+def _index_digest(path):
+    """The sha256 of a checkpoint's index file: what the statistics were computed for (a later
+    checkpoint of the same step, after a restart, has another)."""
+    with open(path + '.index', 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_batch_norm(path, vae):
+    """Sets the VAE's batch norm statistics to those stored for checkpoint `path` (see
+    load_model); False (nothing set) if there are none, or they belong to another checkpoint,
+    another number of batches or other layers."""
+    try:
+        with np.load(path + BN_SUFFIX, allow_pickle=False) as f:
+            stored = {k: f[k] for k in f.files}
+        layers = models.batch_norm_layers(vae)
+        values = [stored[f'{i}_{name}'] for i in range(len(layers)) for name in ('mean', 'var')]
+        fits = (str(stored['index_sha256']) == _index_digest(path)
+                and int(stored['batches']) == BN_BATCHES and len(stored) == 2 * len(layers) + 2
+                and all(v.shape == tuple(w.shape) for v, w in zip(values, _moments(layers))))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    if fits:
+        for variable, value in zip(_moments(layers), values):
+            variable.assign(value)
+    return fits
+
+
+def write_batch_norm(path, vae):
+    """Stores the VAE's batch norm statistics beside checkpoint `path`, atomically, for
+    read_batch_norm; a folder that cannot be written (read-only) keeps none, silently."""
+    layers = models.batch_norm_layers(vae)
+    arrays = {f'{i}_{name}': np.asarray(v) for i, layer in enumerate(layers)
+              for name, v in (('mean', layer.moving_mean), ('var', layer.moving_variance))}
+    try:
+        utils.save_npz(path + BN_SUFFIX, index_sha256=np.array(_index_digest(path)),
+                       batches=np.array(BN_BATCHES), **arrays)
+    except OSError:
+        pass
+
+
+def _moments(layers):
+    return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def remove_orphan_statistics(directory):
+    """Deletes the stored statistics of checkpoints that are gone (rotated out, set aside)."""
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if name.endswith(BN_SUFFIX) and not os.path.exists(
+                os.path.join(directory, name[:-len(BN_SUFFIX)] + '.index')):
+            os.remove(os.path.join(directory, name))

@@ -38,10 +38,8 @@ COLUMNS = [  # (header, key in the evaluation, format)
     ('IW 8-bit bits/dim', 'iw_bits_per_dim_discrete', '{:.3f}'),
     ('test MSE', 'test_mse', '{:.4f}'), ('KL (nats)', 'test_kl', '{:.1f}'),
     ('log σ', 'test_log_sigma', '{:.2f}'), ('effective β', 'effective_beta', '{:.3g}'),
-    ('active units', 'active_units', '{}'), ('FID N(0, I)', 'fid', '{:.2f}'),
-    ('FID GMM', 'fid_gmm', '{:.2f}'),
-    ('train time', 'train_seconds', '{:.0f} s'),
-]
+    ('active units', 'active_units', '{}'), ('train time', 'train_seconds', '{:.0f} s'),
+]  # then the FID of each feature network under each prior (fid_columns)
 GROUP_COLUMNS = [  # with several latent groups (--arch hierarchical), top first
     ('KL per group (nats)', 'kl_per_group', '{}'), ('active units per group', 'active_per_group', '{}'),
     ('skipped updates', 'skipped_updates', '{}'), ('diverged', 'diverged', '{}'),
@@ -156,6 +154,89 @@ def runs(args):
         else:
             out.append([f'beta-VAE (beta={beta_text(beta)})', config, beta if swept else None])
     return [tuple(run) for run in out]
+
+
+def feature_networks(args):
+    """The feature networks of the evaluations, in --features' order ([] for none)."""
+    return [] if args.features == 'none' else args.features.split(',')
+
+
+def fid_columns(networks):
+    return [(f'FID {name} {net}', f'fid_{net}{suffix}', '{:.2f}') for net in networks
+            for name, suffix in (('N(0, I)', ''), ('GMM', '_gmm'))]
+
+
+def temperature_of(key, prefix):
+    """The temperature of an evaluation key (fid_domain_gmm_t0.8 -> 0.8; 1 without _t), or None
+    if the key is not prefix's ('fid_domain' or 'fid_domain_gmm') at some temperature."""
+    if key == prefix:
+        return 1.0
+    if key.startswith(prefix + '_t'):
+        try:
+            return float(key[len(prefix) + 2:])
+        except ValueError:
+            return None
+    return None
+
+
+def best_temperature(result, prefix):
+    """(t, FID) of the lowest FID of the keys prefix(_t<t>), or None."""
+    found = [(t, result[k]) for k in result if (t := temperature_of(k, prefix)) is not None]
+    return min(found, key=lambda p: p[1]) if found else None
+
+
+def quality_rows(results, networks):
+    """One row per run and prior: each network's FID, KID (x 10^3, with its standard deviation
+    over subsets), precision and recall, and its best temperature by FID."""
+    rows = []
+    for r in results:
+        for prior, suffix in PRIORS.items():
+            row = {'name': r['name'], 'prior': 'N(0, I)' if prior == 'normal' else 'GMM'}
+            for net in networks:
+                key = f'{net}{suffix}'
+                if f'fid_{key}' not in r:
+                    continue
+                row[f'fid_{net}'] = r[f'fid_{key}']
+                row[f'kid_{net}'] = (f"{1e3 * r[f'kid_{key}']:.2f} ± {1e3 * r[f'kid_std_{key}']:.2f}"
+                                     if f'kid_{key}' in r else None)
+                row[f'pr_{net}'] = (f"{r[f'precision_{key}']:.2f} / {r[f'recall_{key}']:.2f}"
+                                    if f'precision_{key}' in r else None)
+                best = best_temperature(r, f'fid_{key}')
+                row[f'best_t_{net}'] = f'{best[0]:g}: {best[1]:.2f}' if best else None
+            if len(row) > 2:
+                rows.append(row)
+    return rows
+
+
+def quality_columns(networks, temperatures):
+    columns = [('run', 'name', '{}'), ('prior', 'prior', '{}')]
+    for net in networks:
+        columns += [(f'FID {net}', f'fid_{net}', '{:.2f}'), (f'KID×10³ {net}', f'kid_{net}', '{}'),
+                    (f'precision / recall {net}', f'pr_{net}', '{}')]
+        if temperatures:
+            columns.append((f'best t: FID {net}', f'best_t_{net}', '{}'))
+    return columns
+
+
+def disagreements(results, networks):
+    """Lines naming the pairs of runs that two feature networks rank differently by FID (t = 1),
+    under each prior; [] when they agree."""
+    lines = []
+    for a, b in ((a, b) for i, a in enumerate(networks) for b in networks[i + 1:]):
+        for prior, suffix in PRIORS.items():
+            fids = [(r['name'], r.get(f'fid_{a}{suffix}'), r.get(f'fid_{b}{suffix}'))
+                    for r in results]
+            fids = [f for f in fids if f[1] is not None and f[2] is not None]
+            pairs = [(x, y) for i, x in enumerate(fids) for y in fids[i + 1:]
+                     if (x[1] - y[1]) * (x[2] - y[2]) < 0]
+            where = 'N(0, I)' if prior == 'normal' else 'the mixture prior'
+            for x, y in pairs:
+                first, second = (x, y) if x[1] < y[1] else (y, x)
+                lines.append(f'- Under {where} the feature networks disagree on {first[0]} and '
+                             f'{second[0]}: {a} puts {first[0]} first ({first[1]:.2f} against '
+                             f'{second[1]:.2f}), {b} puts {second[0]} first ({second[2]:.2f} '
+                             f'against {first[2]:.2f}).')
+    return lines
 
 
 def markdown_table(rows, columns=COLUMNS):
@@ -295,17 +376,32 @@ def write_outputs(args, results):
     components = ', '.join(sorted({str(r['gmm_components']) for r in results if 'gmm_components' in r})) or '–'
     iw_images = (f'the first {args.iw_images} test images (the other columns: all of them)'
                  if args.iw_images else 'all test images')
-    details = (f'{title}; FID features: {args.features}, N = {args.fid_samples}, samples of the '
-               f'N(0, I) prior and of a {components}-component Gaussian mixture fitted to '
-               f'the encoder means of the training split (GMM); IW-NLL with K = {args.iw_samples} on '
-               f'{iw_images}')
-    real = f"fid_{args.features.split(',')[0]}_train_images"
-    reference = next((r for r in results if real in r), None)
+    details = (f'{title}; feature networks: {args.features}, N = {args.fid_samples}, samples of '
+               f'the N(0, I) prior and of a {components}-component Gaussian mixture fitted to '
+               f'the encoder means of the training split (GMM); IW-NLL with K = {args.iw_samples} '
+               f'on {iw_images}')
+    reference = next((r for r in results if 'fid_samples' in r), None)
     if reference is not None:
         details += (f"; real images for reference: {reference['fid_samples']} training images "
-                    f'against the test images, FID {reference[real]:.2f}')
-    text = f'{details}\n\n' + markdown_table(results)
+                    f'against the test images, FID ' + ', '.join(
+                        f"{reference[f'fid_{net}_train_images']:.2f} ({net})"
+                        for net in feature_networks(args)
+                        if f'fid_{net}_train_images' in reference))
+    networks = feature_networks(args)
+    temperatures = args.temperatures != '1'
+    text = f'{details}\n\n' + markdown_table(results, COLUMNS + fid_columns(networks))
     text += '\n' + markdown_table(results, COLUMNS[:1] + GROUP_COLUMNS)
+    if networks:
+        text += ('\nSample quality at t = 1 in each feature space (KID: the unbiased MMD² with '
+                 'the cubic kernel; precision and recall: k = 3 nearest neighbours'
+                 + ('; best t: the temperature of the lowest FID of ' + args.temperatures
+                    if temperatures else '') + '):\n\n'
+                 + markdown_table(quality_rows(results, networks),
+                                  quality_columns(networks, temperatures)))
+        lines = disagreements(results, networks)
+        text += '\n' + ('\n'.join(lines) if lines else
+                        'The feature networks rank the runs alike by FID under both priors.') + '\n'
+
     swept = any(r['sweep_beta'] is not None for r in results)
     if swept:
         by_beta = sorted(results, key=lambda r: (r.get('effective_beta') is None,
@@ -331,6 +427,61 @@ def write_outputs(args, results):
     bits_per_dim_plot(os.path.join(out, 'bits_per_dim.png'), curves, title)
     if any(r['sweep_beta'] is not None for r in evaluated):
         sweep_figures(out, evaluated, title)
+    if networks:
+        precision_recall_figure(os.path.join(out, 'precision_recall.png'), evaluated, networks,
+                                title)
+    if networks and temperatures:
+        temperature_figure(os.path.join(out, 'fid_vs_temperature.png'), evaluated, networks,
+                           title)
+
+
+def precision_recall_figure(path, results, networks, title):
+    """Precision against recall in each feature space: a run's points, one per prior, joined."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 5), dpi=100,
+                             squeeze=False)
+    colors = plt.get_cmap('tab10').colors
+    for ax, net in zip(axes[0], networks):
+        for i, r in enumerate(results):
+            points = [(r[f'recall_{net}{s}'], r[f'precision_{net}{s}'], m)
+                      for s, m in (('', 'o'), ('_gmm', 's')) if f'recall_{net}{s}' in r]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], '-', color=colors[i % 10],
+                        alpha=0.5)
+                for x, y, marker in points:
+                    ax.plot(x, y, marker, color=colors[i % 10],
+                            label=r['name'] if marker == 'o' else None)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel('recall (how much of the data the samples cover)')
+        ax.set_ylabel('precision (how much of the samples look real)')
+        ax.set_title(f'{net} features: o N(0, I), □ mixture prior')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f'Precision and recall, {title}')
+    _save(fig, path)
+
+
+def temperature_figure(path, results, networks, title):
+    """FID against the sampling temperature in each feature space: a line per run and prior."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 5), dpi=100,
+                             squeeze=False)
+    colors = plt.get_cmap('tab10').colors
+    for ax, net in zip(axes[0], networks):
+        for i, r in enumerate(results):
+            for suffix, style in (('', '-'), ('_gmm', '--')):
+                points = sorted((t, r[k]) for k in r
+                                if (t := temperature_of(k, f'fid_{net}{suffix}')) is not None)
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], style, marker='o',
+                            color=colors[i % 10], label=r['name'] if suffix == '' else None)
+        ax.set_xlabel('temperature t')
+        ax.set_ylabel(f'FID ({net} features; solid N(0, I), dashed mixture)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f'FID against the sampling temperature, {title}')
+    _save(fig, path)
 
 
 def _pyplot():

@@ -272,6 +272,17 @@ NETWORK_SETTINGS = ('width', 'depth', 'posterior')  # None: the network's own de
 
 # ---- what an evaluation measures -----------------------------------------------------
 
+def _number_list(text):
+    """'1,0.8' -> '1,0.8': comma-separated positive numbers, each once, as their shortest text."""
+    try:
+        values = [utils.positive(float)(v) for v in str(text).split(',') if v.strip()]
+    except argparse.ArgumentTypeError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"must list positive numbers, got '{text}'")
+    return ','.join(dict.fromkeys(f'{v:g}' for v in values))
+
+
 def _feature_list(text):
     """--features: comma-separated feature networks (features.CLASSIFIERS, inception), or none."""
     names = [n for n in str(text).split(',') if n]
@@ -301,6 +312,10 @@ class Evaluation:
         'domain,vgg', "the feature spaces of the sample quality (FID, KID, precision, recall): "
         "classifiers of the data set's labels (domain, vgg: two networks trained independently), "
         "InceptionV3 (inception), or none", _feature_list)
+    temperatures: str = setting(
+        '1', "sampling temperatures, comma-separated: the sample quality of each under each "
+        "prior (each group's draw around its mean scaled by t; keys end in _t<t> but for 1)",
+        _number_list)
     inception_weights: Optional[str] = setting(
         None, "InceptionV3 no-top ImageNet weights (an .h5 file) for --features inception; "
         "default: Keras downloads them (which needs internet)")

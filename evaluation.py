@@ -144,21 +144,25 @@ def _evaluate_run(run_dir, evaluation, export, feature_cache, prior_names):
     if n < evaluation.fid_samples:
         print(f'the test split has {splits.num_test} images: the FID uses {n} of each',
               file=sys.stderr)
-    samples = {}
+    samples = {}  # {the suffix of their keys: uint8 images}
     for prior in prior_names:
         gmm = (priors.load_prior(run_dir, config, vae, state, components) if prior == 'gmm'
                else None)
-        samples[prior] = priors.prior_samples(vae, config, n, gmm=gmm)
         if gmm is not None:
             result['gmm_components'] = int(gmm['components'])
-        # A 10x10 grid of what the FID sees (the grids training writes use its moving batch norm
-        # statistics); compare.py shows them.
-        utils.save_png(os.path.join(run_dir, run_folder.IMAGES,
-                                    f"{run_folder.EVALUATED}{PRIORS[prior]}_{result['step']:08d}.png"),
-                       utils.image_grid(samples[prior][:run_folder.NUM_SAMPLES], 10, 10))
-        if export:
-            result['export' + PRIORS[prior]] = export_samples(
-                run_dir, samples[prior], config.data_range, 'samples' + PRIORS[prior])
+        for t in map(float, evaluation.temperatures.split(',')):
+            suffix = PRIORS[prior] + ('' if t == 1 else f'_t{t:g}')
+            samples[suffix] = priors.prior_samples(vae, config, n, gmm=gmm, temperature=t)
+        # A 10x10 grid of what the sample quality sees at t = 1 (the grids training writes use
+        # its moving batch norm statistics); compare.py shows them.
+        if PRIORS[prior] in samples:
+            utils.save_png(os.path.join(
+                run_dir, run_folder.IMAGES,
+                f"{run_folder.EVALUATED}{PRIORS[prior]}_{result['step']:08d}.png"),
+                utils.image_grid(samples[PRIORS[prior]][:run_folder.NUM_SAMPLES], 10, 10))
+            if export:
+                result['export' + PRIORS[prior]] = export_samples(
+                    run_dir, samples[PRIORS[prior]], config.data_range, 'samples' + PRIORS[prior])
     networks = [] if evaluation.features == 'none' else evaluation.features.split(',')
     if networks and samples:
         result.update(sample_quality(splits, config, samples, networks,
@@ -170,18 +174,19 @@ def _evaluate_run(run_dir, evaluation, export, feature_cache, prior_names):
 
 
 def sample_quality(splits, config, samples, networks, inception_weights=None, feature_cache=None):
-    """The distances of each set of samples ({name: uint8 (N, S, S, C)}: 'normal' and 'gmm', the
-    priors') from N test images in the feature space of each network of `networks`
-    (features.sample_quality: fid, kid, kid_std, precision, recall), as <distance>_<network>
-    plus the prior's suffix (fid_domain, fid_domain_gmm, ...); the same for the first N
-    training images (<distance>_<network>_train_images): what real images score, a reference for
-    how close to 0 a model can be expected to come; and what the networks are."""
+    """The distances of each set of samples ({suffix: uint8 (N, S, S, C)}: '' for N(0, I),
+    '_gmm' for the mixture, '_t0.8' and so on at other temperatures) from N test images in the
+    feature space of each network of `networks` (features.sample_quality: fid, kid, kid_std,
+    precision, recall), as <distance>_<network><suffix> (fid_domain, fid_domain_gmm_t0.8, ...);
+    the same for the first N training images (<distance>_<network>_train_images): what real
+    images score, a reference for how close to 0 a model can be expected to come; and what
+    the networks are."""
     n = len(next(iter(samples.values())))
     if n <= features.NEIGHBOURS:
         raise UsageError(f'the sample quality needs more than {features.NEIGHBOURS} test images')
     sets = dict(samples)
     if splits.num_train > features.NEIGHBOURS:
-        sets['train_images'] = data.as_uint8(splits.train, config.image_size, n)
+        sets['_train_images'] = data.as_uint8(splits.train, config.image_size, n)
     real = data.as_uint8(splits.test, config.image_size, n)
     result = {'fid_samples': n}
     for network in networks:
@@ -191,8 +196,7 @@ def sample_quality(splits, config, samples, networks, inception_weights=None, fe
             inception_weights)
         result.update(info)
         real_features = extract(real)
-        for name, images in sets.items():
-            suffix = PRIORS.get(name, '_' + name)
+        for suffix, images in sets.items():
             distances = features.sample_quality(real_features, extract(images), seed=config.seed)
             result.update({f'{k}_{network}{suffix}': v for k, v in distances.items()})
     return result

@@ -30,6 +30,17 @@ POSITIVE = utils.positive()
 AT_LEAST_TWO = utils.positive(minimum=2)
 
 
+def float_list(text):
+    """'0.8' or '1,0.8,0.6' -> [0.8] or [1.0, 0.8, 0.6]: positive numbers, at least one."""
+    try:
+        values = [utils.positive(float)(v) for v in text.split(',') if v.strip()]
+    except argparse.ArgumentTypeError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, comma-separated, got '{text}'")
+    return values
+
+
 def int_list(text):
     """'3,17' -> [3, 17]: comma-separated integers, at least one."""
     try:
@@ -61,6 +72,12 @@ def make_parser():
     def out(c, what='FILE.png (a grid), FILE.npz or a folder (one PNG per image)'):
         c.add_argument('--out', required=True, help=what)
 
+    def temperature(c):
+        c.add_argument('--temperature', type=float_list, default=None, metavar='T or T1,T2,...',
+                       help='sampling temperature (each latent group\'s draw around its mean scaled '
+                            'by T): one number for every group, or one per group, top first '
+                            '(default: 1)')
+
     def images(c):
         c.add_argument('--images', default=None,
                        help="a folder of PNG/JPEG files (or one file), or 'test': the run's test split")
@@ -76,6 +93,7 @@ def make_parser():
                         'the training split (prior_gmm.npz, fitted first if missing or stale)')
     settings.add_flags(c, settings.Evaluation, ['components'])
     c.add_argument('--seed', type=seed, default=0, help=seed_help)
+    temperature(c)
 
     c = command('reconstruct', 'images beside their reconstructions (z = mu)')
     images(c)
@@ -103,6 +121,7 @@ def make_parser():
     c.add_argument('--steps', type=AT_LEAST_TWO, default=9, help='values per dimension')
     c.add_argument('--image', default=None,
                    help="the seed z is this image's encoding (mu) (default: z ~ N(0, I) by --seed)")
+    temperature(c)
     c.add_argument('--seed', type=seed, default=0, help=seed_help)
     out(c)
 

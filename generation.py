@@ -97,12 +97,23 @@ def _encode(vae, images, config):
 
 def sample(args):
     check_count(args.run, args.n, f'--n {args.n}')
+    temperature = temperature_of(args, models.latent_groups(checkpoints.read_run(args.run)))
     config, vae, state = checkpoints.load_model(args.run)
     kind = args.kind
     gmm = (priors.load_prior(args.run, config, vae, state, args.components)
            if args.prior == 'gmm' else None)
-    images = priors.prior_samples(vae, config, args.n, args.seed, gmm)
+    images = priors.prior_samples(vae, config, args.n, args.seed, gmm, temperature)
     write_output(args.out, kind, images, GRID_COLUMNS, images=images, prior=np.array(args.prior))
+
+
+def temperature_of(args, groups):
+    """--temperature as the latent groups' temperatures (priors.temperatures); UsageError for
+    another number of them than groups."""
+    try:
+        return priors.temperatures(args.temperature, groups)
+    except ValueError:
+        raise UsageError(f'--temperature takes one number, or one per latent group '
+                         f'({len(groups)}, top first), got {len(args.temperature)}') from None
 
 
 def reconstruct(args):
@@ -159,11 +170,12 @@ def traverse(args):
         raise UsageError(f'--range must be at most {MAX_RANGE:g} (z of the prior lies within a '
                          f'few units of 0; far beyond, float32 overflows), got {args.range:g}')
     check_count(args.run, len(dims) * args.steps, f'--steps {args.steps}', config)
+    scale = np.repeat(temperature_of(args, groups), groups)  # of the seed z ~ N(0, I)
     config, vae, _ = checkpoints.load_model(args.run)
     image = read_image(args.image, config, '--image') if args.image else None
     kind = args.kind
     if image is None:
-        z0 = priors.prior_z(1, z_dim, args.seed)[0]
+        z0 = priors.prior_z(1, z_dim, args.seed)[0] * scale
     else:
         z0 = _encode(vae, image[None], config)[0][0]
     values = np.linspace(-args.range, args.range, args.steps)
@@ -218,6 +230,14 @@ def saved_model(vae, config):
             z = tf.random.stateless_normal(tf.stack([n, z_dim]), seed=tf.stack([seed, 2]))
         return decode_z(z)
 
+    def sample_at(n, seed, temperature):
+        # temperature (G,): each latent group's, top first, as generate.py sample --temperature.
+        with tf.control_dependencies([
+                tf.debugging.assert_non_negative(n, 'n must be >= 0'),
+                tf.debugging.assert_positive(temperature, 'temperatures must be above 0')]):
+            z = tf.random.stateless_normal(tf.stack([n, z_dim]), seed=tf.stack([seed, 2]))
+        return decode_z(z * tf.repeat(temperature, vae.groups))
+
     # Traced for their signatures but saved without an input signature: the loaded Python
     # attributes (model.encode) then refuse an array of another dtype, where one with an input
     # signature casts it silently (float32 0.7 to uint8 0, int32 300 to uint8 44).
@@ -233,6 +253,9 @@ def saved_model(vae, config):
     # another type is still cast (n = np.float64(2.7) to 2).
     archive.add_endpoint('sample', sample_prior, [tf.TensorSpec((), tf.int32, name='n'),
                                                   tf.TensorSpec((), tf.int64, name='seed')])
+    archive.add_endpoint('sample_at', sample_at, [
+        tf.TensorSpec((), tf.int32, name='n'), tf.TensorSpec((), tf.int64, name='seed'),
+        tf.TensorSpec((len(vae.groups),), tf.float32, name='temperature')])
     return archive
 
 
@@ -271,6 +294,6 @@ def export(args):
     except (OSError, tf.errors.OpError) as e:
         reason = e.strerror if isinstance(e, OSError) else e.message
         raise UsageError(f"cannot write --out '{args.out}': {reason}") from None
-    print(f'wrote {out} (signatures decode, encode, sample)')
+    print(f'wrote {out} (signatures decode, encode, sample, sample_at)')
 
 

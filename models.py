@@ -202,7 +202,8 @@ class VAE(keras.Model):
         nats, bits/dim of the density and of the 8-bit values, the MSE per value of the
         reconstructions; batch i's z drawn from (seed, i)."""
         sums = None
-        for i, x in enumerate(test_ds):  # sums stay on the device: one host sync at the end
+        for i, x in enumerate(utils.progress(test_ds, desc='test metrics', unit='batch',
+                                             leave=False)):  # sums stay on the device
             eps = tf.random.stateless_normal((tf.shape(x)[0], self.z_dim), seed=[seed, i])
             batch = self.compiled_test_sums(x, eps)
             sums = batch if sums is None else {k: sums[k] + v for k, v in batch.items()}
@@ -390,22 +391,30 @@ def encode_images(vae, images, num_images, config, dims=None):
     return tuple(np.concatenate(t) for t in zip(*out))
 
 
-def recompute_batch_norm(vae, batches, seed=0):
+def batch_norm_layers(vae):
+    """The batch norm layers of the VAE's encoder and decoder, each once (the hierarchical
+    network's top-down path is shared by both), in a fixed order."""
+    return list({id(layer): layer for model in (vae.encoder, vae.decoder)
+                 for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
+                .values())
+
+
+def recompute_batch_norm(vae, batches, seed=0, total=None):
     """Precise BN (Wu and Johnson 2021, "Rethinking 'Batch' in BatchNorm"): sets the moving mean
     and variance of every batch norm layer to their averages over `batches` (B, S, S, C) of
-    training images under the current weights, z sampled as in training.
+    training images under the current weights, z sampled as in training (`total`: their
+    number, for the progress bar).
 
     The moving averages that training keeps (decay 0.999, the original's) describe the weights
     of the last ~1000 steps, not the final ones; evaluation with them can be far off (see
     README). Each layer reads `momentum` when it is called, so momentum k / (k + 1) on the k-th
     batch (from 0) makes its update the running average of the batches' statistics.
     """
-    norms = list({id(layer): layer for model in (vae.encoder, vae.decoder)  # shared: once
-                  for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
-                 .values())
+    norms = batch_norm_layers(vae)
     momentum = [layer.momentum for layer in norms]
     try:
-        for k, x in enumerate(batches):
+        for k, x in enumerate(utils.progress(batches, desc="batch norm's statistics",
+                                             unit='batch', total=total, leave=False)):
             for layer in norms:
                 layer.momentum = k / (k + 1)
             vae(x, tf.random.stateless_normal((tf.shape(x)[0], vae.z_dim), seed=[seed, k]),

@@ -30,18 +30,33 @@ def prior_z(n, z_dim, seed):
 PRIORS = {'normal': '', 'gmm': '_gmm'}
 
 
-def prior_samples(vae, config, n, seed=None, gmm=None):
+def temperatures(temperature, groups):
+    """A sampling temperature (NVAE, VDVAE: the prior's standard deviation scaled by t): one
+    number for every latent group, or one per group, top first -> (len(groups),) float64.
+    ValueError for another number of them, or one not above 0."""
+    t = np.atleast_1d(np.asarray(1.0 if temperature is None else temperature, np.float64))
+    if len(t) == 1:
+        t = np.repeat(t, len(groups))
+    if len(t) != len(groups) or not np.all(np.isfinite(t)) or not np.all(t > 0):
+        raise ValueError(f'a temperature is one positive number, or one per latent group '
+                         f'({len(groups)}, top first), got {temperature!r}')
+    return t
+
+
+def prior_samples(vae, config, n, seed=None, gmm=None, temperature=None):
     """n decoded samples as uint8 of the prior: the run's fixed z (prior_z, from `seed`, the
-    run's by default), or the mixture `gmm` (a dict of models.fit_gmm's arrays) for the top
-    latent group, the others (models.Hierarchical's) those of the fixed z."""
+    run's by default), or the mixture `gmm` (a dict of fit_gmm's arrays) for the top latent
+    group, the others (networks.Hierarchical's) those of the fixed z; at a `temperature`
+    (temperatures(): each group's draw around its mean scaled by its t)."""
     seed = config.seed if seed is None else seed
+    scale = temperatures(temperature, vae.groups)
     if gmm is not None:
         with np.errstate(over='ignore', invalid='ignore'):
-            top = sample_gmm(gmm, n, seed).astype(np.float32)
+            top = sample_gmm(gmm, n, seed, scale[0]).astype(np.float32)
         if not np.all(np.isfinite(top)):  # a mixture read_prior passed, yet too wide for float32
             raise UsageError(f'the mixture prior of {config.run_dir} gives z that are not finite '
                              f'in float32: fit it again (generate.py fit_prior)')
-    z = prior_z(n, vae.z_dim, seed)
+    z = prior_z(n, vae.z_dim, seed) * np.repeat(scale, vae.groups).astype(np.float32)
     if gmm is not None:
         z[:, :top.shape[1]] = top
     return models.decode_images(vae, z, config.data_range,
@@ -163,12 +178,13 @@ def fit_gmm(means, components, seed=0):
             'n_iter': np.array(mixture.n_iter_)}
 
 
-def sample_gmm(gmm, n, seed=0):
+def sample_gmm(gmm, n, seed=0, temperature=1.0):
     """n draws (n, Z), float64, from a mixture of `fit_gmm`'s arrays, fixed by seed (NumPy):
-    a component k by its weight, then means[k] + L_k eps with L_k L_k^T = covariances[k]."""
+    a component k by its weight, then means[k] + t L_k eps with L_k L_k^T = covariances[k]
+    and t the temperature."""
     rng = np.random.default_rng(seed)
     weights = np.asarray(gmm['weights'], np.float64)
     k = rng.choice(len(weights), size=n, p=weights / weights.sum())
     eps = rng.standard_normal((n, gmm['means'].shape[1]))
     cholesky = np.linalg.cholesky(gmm['covariances'])
-    return gmm['means'][k] + np.einsum('nij,nj->ni', cholesky[k], eps)
+    return gmm['means'][k] + temperature * np.einsum('nij,nj->ni', cholesky[k], eps)

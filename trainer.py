@@ -30,6 +30,7 @@ from utils import UsageError
 POLICIES = {None: 'float32', 'float16': 'mixed_float16', 'bfloat16': 'mixed_bfloat16'}
 NUM_RECONSTRUCTIONS = 50  # test images, shown beside their reconstructions in a 10x10 grid
 REFRESH_EVERY = 10  # steps between progress-bar updates (each one waits for the device)
+SKIP_WINDOW = 50  # steps: a run whose updates were all skipped over as many stops
 
 
 # ---- devices ---------------------------------------------------------------------
@@ -110,6 +111,8 @@ class Trainer:
             self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
             self.skipped_updates = tf.Variable(0, dtype=tf.int64, trainable=False,
                                                name='skipped_updates')
+            # The smallest and largest gradient norm since the Loop last read them (not saved).
+            self.norm_range = tf.Variable([np.inf, 0.0], trainable=False, name='norm_range')
             # The sum and count of each training metric since the last metrics row, checkpointed
             # by name so that a row's train averages cover its whole epoch across resumes.
             self.train_sums = {k: tf.Variable(tf.zeros(2, tf.float64), trainable=False, name=k)
@@ -188,6 +191,8 @@ class Trainer:
         per_replica, gradients, norm = self.strategy.run(replica, args=(x,))
         norm = self.strategy.experimental_local_results(norm)[0]
         skip = norm > self.config.skip_threshold
+        low, high = self.norm_range[0], self.norm_range[1]
+        self.norm_range.assign(tf.stack([tf.minimum(low, norm), tf.maximum(high, norm)]))
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             skip = tf.logical_and(skip, tf.math.is_finite(norm))
 
@@ -357,6 +362,7 @@ class Loop:
             raise UsageError(f'the test split of {splits.source} ({splits.num_test} files) gives '
                              f'no image: {unreadable()}') from None
         self.skipped = len(data.skipped_files())  # said at each epoch's end when it grows
+        self.window = None  # (step, skipped updates) where check_skipping's window starts
         self.total = config.epochs * steps_per_epoch
         if config.max_steps:
             self.total = min(self.total, config.max_steps)
@@ -382,6 +388,7 @@ class Loop:
                           f'--max_steps)')
                     return self.row
                 self.clock.start()
+                self.started = step
                 self.steps(step)
         except utils.Interrupted as e:
             self.clock.stop()  # the time since the last checkpoint counts too
@@ -421,6 +428,7 @@ class Loop:
         trainer, config, per_epoch = self.trainer, self.config, self.steps_per_epoch
         batches = iter(trainer.strategy.experimental_distribute_dataset(
             self.train_ds.take(per_epoch - step % per_epoch).concatenate(self.train_ds.repeat())))
+        self.window = (step, int(trainer.skipped_updates.numpy()))
         self.bar = utils.progress(show=trainer.chief, total=self.total, initial=step, unit='step',
                                   dynamic_ncols=True, desc=config.experiment_name)
         for step in range(step + 1, self.total + 1):
@@ -434,6 +442,7 @@ class Loop:
             save = end or (config.checkpoint_every and step % config.checkpoint_every == 0)
             if step % REFRESH_EVERY == 0 or save:
                 check_finite(stats, step, trainer)
+                self.check_skipping(step)
                 self.bar.set_postfix({k: f'{v:.4g}' for k, v in trainer.train_means().items()
                                       if k in ('loss', 'rec', 'kl', 'log_sigma')})
             if step % config.sample_every == 0 and trainer.chief:
@@ -447,6 +456,27 @@ class Loop:
                     else:
                         trainer.save()
                 self.clock.start()
+
+    def check_skipping(self, step):
+        """Stops the run (RunFailed, in one line) when every update of the last SKIP_WINDOW
+        steps (or of all the steps this process takes, if fewer) was skipped: --skip_threshold
+        below every gradient norm, training does nothing. Names the norms it saw."""
+        if self.config.skip_threshold is None:
+            return
+        skipped = int(self.trainer.skipped_updates.numpy())
+        first, skipped_before = self.window
+        span = min(SKIP_WINDOW, self.total - self.started)
+        if step - first < span:
+            return
+        if skipped - skipped_before == step - first:
+            low, high = self.trainer.norm_range.numpy()
+            raise utils.RunFailed(
+                f'every update of the last {step - first} steps was skipped: their gradient '
+                f'norms were {low:.3g} to {high:.3g}, above --skip_threshold '
+                f'{self.config.skip_threshold:g} (docs/networks.md gives typical norms); raise '
+                f'it, or leave it out; {self.trainer.checkpoints.last_checkpoint()}')
+        self.window = (step, skipped)
+        self.trainer.norm_range.assign([np.inf, 0.0])
 
     def end_of_epoch(self, step, save=True):
         """Evaluates, writes grids and a metrics row (the chief), then checkpoints (every worker).
@@ -520,7 +550,8 @@ def format_row(row):
     values above 8 bits/dim (worse than a uniform guess) is flagged: early in training it comes
     from batch norm's moving statistics, which lag the weights, not from the model, and
     evaluate.py (which recomputes them) measures it."""
-    keys = ['step', 'epoch'] + [k for k in row if k.startswith('test_')]
+    keys = ['step', 'epoch'] + [k for k in row if k.startswith('test_')] + [
+        k for k in ('skipped_updates',) if row.get(k)]
     line = ' '.join(f'{k} {row[k]:.5g}' if isinstance(row[k], float) else f'{k} {row[k]}'
                     for k in keys)
     if row.get('test_bits_per_dim_discrete', 0) > BITS_PER_VALUE:

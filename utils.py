@@ -56,6 +56,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 import unicodedata  # noqa: E402
 import uuid  # noqa: E402
 
@@ -153,8 +154,10 @@ def quiet_tensorflow():
     Its C++ libraries print banners (oneDNN, CUDA stubs, CPU features) while they load, before
     their log level applies, so standard error is pointed at /dev/null for the import; later
     C++ messages below FATAL are dropped (TF_CPP_MIN_LOG_LEVEL=3: e.g. "failed call to cuInit"
-    on a machine without a GPU). Python errors and warnings are untouched. Call it before
-    anything imports TensorFlow; afterwards it does nothing.
+    on a machine without a GPU), and TensorFlow's Python logger shows errors only (its
+    warnings, e.g. of a function traced again in each evaluation of a comparison); Python's
+    own errors and warnings are untouched. Call it before anything imports TensorFlow;
+    afterwards it does nothing.
     """
     if VERBOSE or 'tensorflow' in sys.modules:
         return
@@ -165,7 +168,8 @@ def quiet_tensorflow():
     os.dup2(devnull, 2)
     _STDERR = saved
     try:
-        import tensorflow  # noqa: F401  (its import is the point)
+        import tensorflow
+        tensorflow.get_logger().setLevel(logging.ERROR)
     finally:
         _STDERR = 2
         os.dup2(saved, 2)
@@ -189,10 +193,75 @@ class quiet_logger:
 
 
 def progress(iterable=None, show=True, **kwargs):
-    """A tqdm progress bar, or none: when `show` is false, or when standard error is not a
-    terminal (a log file or a pipe would get every redraw of the bar)."""
+    """A tqdm progress bar on a terminal; where standard error is a file or a pipe (which would
+    get every redraw of a bar), a line at least every PROGRESS_SECONDS or tenth of the work
+    (Lines); nothing when `show` is false."""
     from tqdm import tqdm
-    return tqdm(iterable, disable=True if not show else None, **kwargs)
+    if show and not sys.stderr.isatty():
+        return Lines(iterable, **kwargs)
+    return tqdm(iterable, disable=not show, **kwargs)
+
+
+PROGRESS_SECONDS = 30  # the longest a command is silent on a log file (Lines)
+
+
+class Lines:
+    """tqdm's interface (iterate, update, set_postfix, write, close) for a log file: a line
+    '<desc>: <n>/<total> <unit>s (<p>%), <elapsed> so far, about <left> left' whenever another
+    tenth of the total is done or PROGRESS_SECONDS have passed since the last line."""
+
+    def __init__(self, iterable=None, total=None, initial=0, desc='', unit='it', **_):
+        self.iterable, self.n, self.desc, self.unit = iterable, initial, desc or 'working', unit
+        if total is None:
+            try:
+                total = len(iterable)
+            except TypeError:  # no length (a tf.data set of unknown size, a generator)
+                pass
+        self.total = total
+        self.start = self.last = time.time()
+        self.start_n, self.tenth, self.postfix = initial, self._tenth(), ''
+
+    def _tenth(self):
+        return int(10 * self.n / self.total) if self.total else 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n=1):
+        self.n += n
+        now = time.time()
+        if now - self.last >= PROGRESS_SECONDS or self._tenth() > self.tenth:
+            self.last, self.tenth = now, self._tenth()
+            done = self.n - self.start_n
+            line = f'{self.desc}: {self.n}' + (f'/{self.total}' if self.total else '') + \
+                f' {self.unit}s'
+            if self.total:
+                line += f' ({100 * self.n / self.total:.0f}%)'
+            line += f', {_duration(now - self.start)} so far'
+            if self.total and done:
+                line += f', about {_duration((now - self.start) / done * (self.total - self.n))} left'
+            print(line + self.postfix, file=sys.stderr, flush=True)
+
+    def set_postfix(self, values):
+        self.postfix = '; ' + ', '.join(f'{k} {v}' for k, v in values.items())
+
+    def write(self, text, file=None):
+        print(text, file=file or sys.stdout, flush=True)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _duration(seconds):
+    return f'{seconds:.0f} s' if seconds < 120 else f'{seconds / 60:.0f} min'
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -201,7 +270,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         if action.required or any(action.default is d for d in (None, False, argparse.SUPPRESS)) \
-                or action.default == '' or '%(default)' in (action.help or ''):
+                or action.default == '' or '(default' in (action.help or ''):
             return action.help
         return super()._get_help_string(action)
 

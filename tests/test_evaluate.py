@@ -169,7 +169,7 @@ def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path, capsys):
     assert [r['effective_beta'] for r in results[2:]] == [0.1, 1.0]  # sigma = 1: beta itself
     assert all(0 <= r['active_units'] <= 4 for r in results)
     table, sweep_table = open(out / 'results.md').read().split('The beta sweep')
-    assert '| FID N(0, I) | FID GMM |' in table
+    assert '| FID N(0, I) domain | FID GMM domain | FID N(0, I) vgg | FID GMM vgg |' in table
     assert f"against the test images, FID {results[0]['fid_domain_train_images']:.2f}" in table
     assert all(f'| {r["name"]} |' in table for r in results)
     rows = [line for line in sweep_table.splitlines() if line.startswith('| ') and 'KL' not in line]
