@@ -115,3 +115,62 @@ def test_evaluation_and_generation_use_the_average_and_say_so(image_folder, tmp_
                 '--sample_every', '2', '--seed', '1']) == 2
     assert '--ema 0.5, not 0.9' in capsys.readouterr().err
     assert json.load(open(run_dir / 'config.json'))['ema'] == 0.5
+
+
+# ---- sampling temperature -------------------------------------------------------------------
+
+def test_a_temperature_scales_each_groups_draw(image_folder, tmp_path):
+    import generate
+    import priors
+    run_dir = str(trained_run(tmp_path, image_folder, 'h', '--arch', 'hierarchical', '--width',
+                              '4', '--max_steps', '2'))
+    config, vae, _ = checkpoints.load_model(run_dir)
+    t = [1.0, 0.5, 0.25]  # top, 7x7, 14x14
+    z = priors.prior_z(6, vae.z_dim, 3) * np.repeat(t, vae.groups)
+    want = models.decode_images(vae, z, config.data_range)
+    out = tmp_path / 's.npz'
+    assert generate.main(['sample', '--run', run_dir, '--n', '6', '--seed', '3', '--temperature',
+                          '1,0.5,0.25', '--out', str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out)['images'], want)
+    assert generate.main(['sample', '--run', run_dir, '--temperature', '0.5,0.5', '--out',
+                          str(out)]) == 2
+    with pytest.raises(ValueError):
+        priors.temperatures([1.0, 0.0, 1.0], vae.groups)
+    # The SavedModel's sample_at: sample itself at t = 1, the same scaled draw otherwise.
+    assert generate.main(['export', '--run', run_dir, '--out', str(tmp_path / 'm')]) == 0
+    loaded = tf.saved_model.load(str(tmp_path / 'm'))
+    at = loaded.sample_at(n=6, seed=np.int64(3), temperature=np.float32(t))['images'].numpy()
+    assert np.abs(at.astype(int) - want.astype(int)).max() <= 1  # float32 against float64 rounding
+    np.testing.assert_array_equal(
+        loaded.sample(n=4, seed=np.int64(1))['images'].numpy(),
+        loaded.sample_at(n=4, seed=np.int64(1), temperature=np.ones(3, np.float32))['images'].numpy())
+
+
+# ---- batch norm's statistics, stored beside their checkpoint ---------------------------------
+
+def test_batch_norm_statistics_are_recomputed_once_per_checkpoint(image_folder, tmp_path, capsys):
+    run_dir = trained_run(tmp_path, image_folder, 'b', '--max_steps', '2')
+    capsys.readouterr()
+    _, first, _ = checkpoints.load_model(str(run_dir))
+    assert "recomputing batch norm's statistics for ckpt-2" in capsys.readouterr().out
+    stored = run_dir / 'checkpoints' / ('ckpt-2' + checkpoints.BN_SUFFIX)
+    assert stored.exists()
+    _, second, _ = checkpoints.load_model(str(run_dir))
+    assert 'recomputing' not in capsys.readouterr().out
+    for a, b in zip(models.batch_norm_layers(first), models.batch_norm_layers(second)):
+        np.testing.assert_array_equal(a.moving_mean.numpy(), b.moving_mean.numpy())
+        np.testing.assert_array_equal(a.moving_variance.numpy(), b.moving_variance.numpy())
+    # Another checkpoint of the same step (a restart) has another index: computed again.
+    index = run_dir / 'checkpoints' / 'ckpt-2.index'
+    index.write_bytes(index.read_bytes())  # the same bytes: still served
+    checkpoints.load_model(str(run_dir))
+    assert 'recomputing' not in capsys.readouterr().out
+    np.savez(stored, **{**dict(np.load(stored)), 'index_sha256': np.array('another')})
+    checkpoints.load_model(str(run_dir))
+    assert 'recomputing' in capsys.readouterr().out
+    # Rotated out with its checkpoint: a resume saves ckpt-3..5, keeps 3, and the statistics
+    # of a checkpoint that is gone go with it.
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path), '--experiment_name',
+                'b', '--max_steps', '5', '--checkpoint_every', '1', '--batch_size', '8',
+                '--z_dim', '4', '--sample_every', '2', '--seed', '1']) == 0
+    assert not stored.exists()

@@ -190,3 +190,20 @@ def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path, capsys):
     assert compare.main(args[:-4] + ['--models', 'sigma', '--iw_samples', '3']) == 0
     assert '[1/1] sigma: evaluating' in capsys.readouterr().out
     assert json.load(open(out / 'sigma' / 'evaluation.json'))['iw_samples'] == 3
+
+
+def test_compare_says_where_the_feature_networks_disagree():
+    results = [{'name': 'a', 'fid_domain': 10.0, 'fid_vgg': 30.0, 'fid_domain_gmm': 1.0,
+                'fid_vgg_gmm': 2.0},
+               {'name': 'b', 'fid_domain': 20.0, 'fid_vgg': 25.0, 'fid_domain_gmm': 3.0,
+                'fid_vgg_gmm': 4.0},
+               {'name': 'c', 'fid_domain': 30.0, 'fid_vgg': 40.0, 'fid_domain_gmm': 5.0,
+                'fid_vgg_gmm': 6.0}]
+    lines = compare.disagreements(results, ['domain', 'vgg'])
+    # Under N(0, I) domain ranks a < b < c, vgg b < a < c: only a and b swap; under the
+    # mixture both agree.
+    assert lines == ['- Under N(0, I) the feature networks disagree on a and b: domain puts a '
+                     'first (10.00 against 20.00), vgg puts b first (25.00 against 30.00).']
+    results[0]['fid_domain_t0.8'] = 7.0
+    assert compare.best_temperature(results[0], 'fid_domain') == (0.8, 7.0)
+    assert compare.best_temperature(results[0], 'fid_domain_gmm') == (1.0, 1.0)

@@ -1,6 +1,7 @@
 """End to end through the CLI on a tiny generated image folder."""
 import gzip
 import json
+import sys
 import math
 import os
 
@@ -204,3 +205,29 @@ def test_one_fixed_prior_z_per_run(image_folder, tmp_path):
     # generate.py sample --seed <the run's seed> decodes.
     np.testing.assert_array_equal(trainer.prior_z, expected[:run_folder.NUM_SAMPLES])
     np.testing.assert_array_equal(priors.prior_z(1000, config.z_dim, config.seed), expected)
+
+
+def test_a_run_whose_updates_are_all_skipped_stops_in_one_line(image_folder, tmp_path, capsys):
+    # 40 training images, batches of 8: 5 steps an epoch, 50 in 10 epochs, every one skipped.
+    assert run(['--dataset', image_folder, '--output_dir', str(tmp_path),
+                '--skip_threshold', '1e-3'] + TINY) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith('train.py: error: every update of the last 50 steps was skipped: '
+                          'their gradient norms were ') and 'above --skip_threshold 0.001' in err
+    rows = [json.loads(line) for line in open(tmp_path / 'sigma' / 'metrics.jsonl')]
+    assert rows[-1]['skipped_updates'] == rows[-1]['step']  # the rows count them
+    assert 'skipped_updates 45' in trainer_row_line(rows[-1])
+
+
+def trainer_row_line(row):
+    import trainer
+    return trainer.format_row(row)
+
+
+def test_progress_without_a_terminal_is_a_line_each_tenth(capsys, monkeypatch):
+    import utils
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: False)
+    assert list(utils.progress(range(20), desc='counting', unit='item')) == list(range(20))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and lines[0].startswith('counting: 2/20 items (10%), ')
+    assert lines[-1].startswith('counting: 20/20 items (100%)') and 'left' in lines[0]
