@@ -322,8 +322,9 @@ def read_run(run_dir):
 
 def load_model(run_dir, batch_norm=True):
     """(config, vae, state) of a trained run, restored from its newest checkpoint that restores
-    (a damaged newer one is skipped, and said so; nothing is written), for evaluation or
-    generation: no optimizer, no training machinery. state holds the checkpoint's path, step,
+    (a damaged newer one is skipped, said so and left as it is), for evaluation or generation:
+    no optimizer, no training machinery. The one file it may write is its own: the recomputed
+    batch norm statistics beside the checkpoint (below). state holds the checkpoint's path, step,
     train_seconds and the run's data (splits).
 
     batch_norm: recompute batch norm's statistics under the restored weights over BN_BATCHES

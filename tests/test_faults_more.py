@@ -186,14 +186,16 @@ def test_an_image_folder_that_changed_is_refused_on_resume(image_folder, tmp_pat
     assert run(args + ['--max_steps', '3']) == 0
 
 
-def test_load_model_skips_a_damaged_newest_checkpoint_and_writes_nothing(trained, tmp_path, capsys):
+def test_load_model_skips_a_damaged_newest_checkpoint_and_leaves_it(trained, tmp_path, capsys):
     run_dir = copy_run(trained, tmp_path)
     os.remove(run_dir / 'checkpoints' / 'ckpt-6.index')
     files = files_under(run_dir)
     _, _, state = checkpoints.load_model(str(run_dir))
     assert state.path == str(run_dir / 'checkpoints' / 'ckpt-5') and int(state.step.numpy()) == 5
     assert 'skipped checkpoint' in capsys.readouterr().err
-    assert files_under(run_dir) == files
+    after = files_under(run_dir)  # all there, and only its batch norm statistics added
+    assert set(after) - set(files) <= {'checkpoints/ckpt-5' + checkpoints.BN_SUFFIX}
+    assert set(files) <= set(after)
 
 
 # ---- 2. one writer per run folder ---------------------------------------------

@@ -251,7 +251,7 @@ def test_prior_samples_refuse_z_that_are_not_finite(trained):
     config = run_folder.read_config(trained)
     gmm = {**good_prior(), 'covariances': np.tile(np.eye(4), (2, 1, 1)) * 1e100}
     with pytest.raises(utils.UsageError, match='not finite in float32'):
-        priors.prior_samples(None, config, 3, gmm=gmm)
+        priors.prior_samples(types.SimpleNamespace(groups=[4], z_dim=4), config, 3, gmm=gmm)
 
 
 # ---- 7. config.json values of the right type that no model has ----------------------------
