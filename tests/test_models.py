@@ -100,3 +100,24 @@ def test_fused_batch_norm_is_keras_batch_norm(shape):
     for a, b in zip(*seen):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
+
+def test_fused_adam_is_keras_adam():
+    # models.Adam updates each variable with one fused op, by Keras' formula: the same weights,
+    # moments and moving average (--ema) after a few steps.
+    shapes = [(3, 4), (5,)]
+    seen = []
+    for cls in (models.Adam, tf.keras.optimizers.Adam):
+        variables = [tf.Variable(np.ones(s, np.float32)) for s in shapes]
+        optimizer = cls(0.01, use_ema=True, ema_momentum=0.9)
+        optimizer.build(variables)
+        step = tf.function(lambda g: optimizer.apply_gradients(zip(g, variables)))
+        grads = [[tf.constant(np.sin(np.arange(np.prod(s)) + i).reshape(s), tf.float32)
+                  for s in shapes] for i in range(4)]
+        for g in grads:
+            step(g)
+        ops = {op.type for op in step.get_concrete_function(grads[0]).graph.get_operations()}
+        assert ('ResourceApplyAdam' in ops) == (cls is models.Adam)
+        seen.append([v.numpy() for v in variables + optimizer.variables])
+    assert not np.allclose(seen[0][0], 1.0)
+    for a, b in zip(*seen):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
