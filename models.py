@@ -274,17 +274,18 @@ class Adam(keras.optimizers.Adam):
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=self._momentums[index].value.handle,
             v=self._velocities[index].value.handle,
-            beta1_power=tf.pow(cast(self.beta_1), step), beta2_power=tf.pow(cast(self.beta_2), step),
-            lr=cast(learning_rate), beta1=cast(self.beta_1), beta2=cast(self.beta_2),
-            epsilon=cast(self.epsilon), grad=cast(gradient))
+            beta1_power=tf.pow(cast(self.beta_1), step),
+            beta2_power=tf.pow(cast(self.beta_2), step), lr=cast(learning_rate),
+            beta1=cast(self.beta_1), beta2=cast(self.beta_2), epsilon=cast(self.epsilon),
+            grad=cast(gradient))
 
 
 def make_optimizer(config):
-    """Adam of a run's Config: its --lr, an exponential moving average of the weights with
-    --ema (Keras': the optimizer keeps it), loss scaling under float16 (bfloat16 has float32's
-    range: none)."""
+    """Adam (Keras', fused: `Adam`) of a run's Config: its --lr, an exponential moving average
+    of the weights with --ema (Keras': the optimizer keeps it), loss scaling under float16
+    (bfloat16 has float32's range: none)."""
     optimizer = Adam(config.lr, use_ema=config.ema is not None,
-                                      ema_momentum=0.99 if config.ema is None else config.ema)
+                     ema_momentum=0.99 if config.ema is None else config.ema)
     if config.mixed_precision == 'float16':
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

@@ -11,7 +11,8 @@ For 28x28 images (MNIST, Fashion-MNIST, the original's resized SVHN):
 stride-2 levels, doubling the filters each level (256, 512), down to 4x4.
 Convolutions followed by batch norm have no bias (BN's shift replaces it; the
 original's slim layers drop it too), and batch norm keeps its moving statistics with
-the original's decay, 0.999 (slim.batch_norm's default; Keras' is 0.99). The decoder's
+the original's decay, 0.999 (slim.batch_norm's default; Keras' is 0.99), computed by
+TensorFlow's fused kernel (BatchNorm: Keras' layer, ~1.2x faster steps on CPU). The decoder's
 last layer outputs `likelihood.params_per_value` numbers per value: the mean, through
 tanh for data in [-1, 1] (the original) or sigmoid for [0, 1] (the PyTorch sibling),
 then any others (e.g. a log scale) as they are.

@@ -155,7 +155,8 @@ def cpu_flags():
     BF16 and AMX are what make bfloat16 matmuls faster than float32 on x86; None: unknown."""
     try:
         with open('/proc/cpuinfo') as f:
-            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+            flags = next((line.split(':', 1)[1].split() for line in f
+                          if line.startswith('flags')), [])
     except OSError:
         return None
     return [f for f in ('avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]

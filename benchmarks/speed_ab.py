@@ -1,7 +1,8 @@
 """Steps of variants of the code side by side in one process: this version against the earlier
 batch norm and optimizer (REPORT_speed.md), interleaved, each timing after a float32 matmul burst.
 
-python benchmarks/speed_ab.py hierarchical+before,hierarchical,original+before,original [repeats] [steps]
+python benchmarks/speed_ab.py hierarchical+before,hierarchical,original+before,original \
+    [repeats] [steps]
 
 A variant is a network (--arch) with options joined by '+': `xla` (jit_compile the update),
 `kerasbn` (Keras' BatchNormalization instead of networks.BatchNorm), `kerasadam` (Keras' Adam
@@ -58,6 +59,8 @@ OPTIONS = {'kerasbn': keras_batch_norm, 'kerasadam': keras_adam, 'before': befor
 
 
 def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
     variants = sys.argv[1].split(',')
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 6
