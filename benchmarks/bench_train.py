@@ -5,6 +5,9 @@ python benchmarks/bench_train.py [--archs original,resnet,...] [--repeats 5] [--
 Every network of networks.NETWORKS (--arch of train.py, at its default --width and --depth) is
 measured unless --archs names some.
 
+0. First, the CPU's bfloat16 / float32 matmul speed (five pairs of bursts of 2048² products) and
+   its bfloat16 features (AVX-512 BF16, AMX): without them oneDNN computes bfloat16 through
+   float32 and --mixed_precision bfloat16 slows the matmuls down (0.55x on one VM of ours).
 1. Steps on tensors in memory. For each network, model, batch size, XLA setting and precision
    (float32, bfloat16) it times --steps training steps, --repeats times. The repeats of all
    settings are interleaved (round robin), and each timing is preceded by a burst of matrix
@@ -145,6 +148,42 @@ class MatmulPeak:
             out = self.mm(self.a, self.b)
         out.numpy()
         return 2 * self.n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def cpu_flags():
+    """The CPU's bfloat16 matrix features this machine reports (Linux' /proc/cpuinfo): AVX-512
+    BF16 and AMX are what make bfloat16 matmuls faster than float32 on x86; None: unknown."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f
+                          if line.startswith('flags')), [])
+    except OSError:
+        return None
+    return [f for f in ('avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
+
+
+def precision_ratio(pairs=5):
+    """bfloat16 over float32 matmul GFLOP/s on this machine, the two bursts of a pair one after
+    the other -> (median, min, max of the pairs' ratios, float32 and bfloat16 medians). Below 1
+    (no AVX-512 BF16 / AMX: oneDNN converts), --mixed_precision bfloat16 slows the matmuls down."""
+    f32, b16 = MatmulPeak(tf.float32), MatmulPeak(tf.bfloat16)
+    seen = [(f32(), b16()) for _ in range(pairs)]
+    ratios = [b / f for f, b in seen]
+    return (statistics.median(ratios), min(ratios), max(ratios),
+            statistics.median(f for f, _ in seen), statistics.median(b for _, b in seen))
+
+
+def report_precision_ratio():
+    """Prints precision_ratio and cpu_flags in one line: the first line of the benchmark."""
+    flags = cpu_flags()
+    ratio, low, high, f32, b16 = precision_ratio()
+    features = ('unknown' if flags is None else ', '.join(flags) if flags
+                else 'no avx512f, avx512_bf16 or amx_bf16')
+    verdict = ('bfloat16 is faster here' if ratio >= 1 else
+               'bfloat16 is SLOWER here: --mixed_precision bfloat16 slows the matmuls down')
+    print(f'bfloat16 / float32 matmul ({PEAK_SIZE}², 5 pairs): {ratio:.2f}x (min {low:.2f}x, '
+          f'max {high:.2f}x); float32 {f32:.1f}, bfloat16 {b16:.1f} GFLOP/s; CPU features: '
+          f'{features}; {verdict}', flush=True)
 
 
 def make_step(arch, model, precision, batch, xla, channels=1):
@@ -377,6 +416,7 @@ def main():
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f'--{flag} must be at least 1')
+    report_precision_ratio()
     print(f'TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, devices: '
           f'{[d.device_type for d in tf.config.list_physical_devices()]}; networks: '
           f'{", ".join(args.archs)}', flush=True)

@@ -74,3 +74,50 @@ def test_recompute_batch_norm_averages_the_batch_statistics_under_the_current_we
     np.testing.assert_allclose(norm.moving_variance.numpy(), variance, rtol=1e-4, atol=1e-6)
     assert not np.allclose(decoder_norm.moving_variance.numpy(), 1.0)  # the decoder's too
     assert norm.momentum == decoder_norm.momentum == networks.BN_MOMENTUM  # restored
+
+
+@pytest.mark.parametrize('shape', [(16, 7, 7, 8), (1, 1, 1, 3)])
+def test_fused_batch_norm_is_keras_batch_norm(shape):
+    # networks.BatchNorm computes Keras' BatchNormalization with TensorFlow's fused kernel: the
+    # same outputs, gradients and moving statistics (the biased variance), in training and after.
+    x = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, shape), tf.float32)
+    w = tf.constant(np.random.default_rng(1).normal(size=shape), tf.float32)
+    fused = networks.BatchNorm(momentum=0.9, gamma_initializer='random_normal',
+                               beta_initializer='random_normal')
+    keras_bn = tf.keras.layers.BatchNormalization(momentum=0.9)
+    for layer in (fused, keras_bn):
+        layer.build(shape)
+    for a, b in zip(fused.weights, keras_bn.weights):
+        b.assign(a)
+    seen = []
+    for layer in (fused, keras_bn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) * w)
+        grads = tape.gradient(loss, [x] + layer.trainable_weights)
+        seen.append([layer(x, training=True), *grads, layer.moving_mean, layer.moving_variance,
+                     layer(x, training=False)])
+    for a, b in zip(*seen):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_adam_is_keras_adam():
+    # models.Adam updates each variable with one fused op, by Keras' formula: the same weights,
+    # moments and moving average (--ema) after a few steps.
+    shapes = [(3, 4), (5,)]
+    seen = []
+    for cls in (models.Adam, tf.keras.optimizers.Adam):
+        variables = [tf.Variable(np.ones(s, np.float32)) for s in shapes]
+        optimizer = cls(0.01, use_ema=True, ema_momentum=0.9)
+        optimizer.build(variables)
+        step = tf.function(lambda g: optimizer.apply_gradients(zip(g, variables)))
+        grads = [[tf.constant(np.sin(np.arange(np.prod(s)) + i).reshape(s), tf.float32)
+                  for s in shapes] for i in range(4)]
+        for g in grads:
+            step(g)
+        ops = {op.type for op in step.get_concrete_function(grads[0]).graph.get_operations()}
+        assert ('ResourceApplyAdam' in ops) == (cls is models.Adam)
+        seen.append([v.numpy() for v in variables + optimizer.variables])
+    assert not np.allclose(seen[0][0], 1.0)
+    for a, b in zip(*seen):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
