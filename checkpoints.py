@@ -19,6 +19,7 @@ import config as settings
 import data
 import models
 import run_folder
+import files
 import utils
 from utils import UsageError
 
@@ -158,7 +159,7 @@ class CheckpointFolder:
         # The manager rotates out only checkpoints younger than last_preserved_timestamp.
         now = time.time()
         times = [min(os.path.getmtime(self.path(n) + '.index'), now) for n in kept]
-        utils.write_text(path, f'model_checkpoint_path: "ckpt-{number}"\n' + ''.join(
+        files.write_text(path, f'model_checkpoint_path: "ckpt-{number}"\n' + ''.join(
             f'all_model_checkpoint_paths: "ckpt-{n}"\n' for n in kept) + ''.join(
             f'all_model_checkpoint_timestamps: {t!r}\n' for t in times)
             + f'last_preserved_timestamp: {min(times) - 1.0!r}\n')
@@ -400,7 +401,7 @@ def write_batch_norm(path, vae):
     arrays = {f'{i}_{name}': np.asarray(v) for i, layer in enumerate(layers)
               for name, v in (('mean', layer.moving_mean), ('var', layer.moving_variance))}
     try:
-        utils.save_npz(path + BN_SUFFIX, index_sha256=np.array(_index_digest(path)),
+        files.save_npz(path + BN_SUFFIX, index_sha256=np.array(_index_digest(path)),
                        batches=np.array(BN_BATCHES), **arrays)
     except OSError:
         pass

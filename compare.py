@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import config as settings
+import files
 import run_folder
 from config import Config
 from utils import UsageError
@@ -118,7 +119,7 @@ def parse_args(argv=None):
         except UsageError as e:
             parser.error(str(e))
     if args.inception_weights is not None:
-        utils.check_hdf5(args.inception_weights, '--inception_weights')
+        files.check_hdf5(args.inception_weights, '--inception_weights')
     args.evaluation = settings.from_flags(settings.Evaluation, args)
     return args
 
@@ -267,7 +268,7 @@ def samples_figure(path, runs, columns):
         draw.text((4, y + h // 2 - 6), label, fill='black')
         for k, grid in enumerate(row):
             canvas.paste(Image.fromarray(grid), (label_width + k * (w + gap), y))
-    utils.atomic_write(path, lambda tmp: canvas.save(tmp, format='PNG'))
+    files.atomic_write(path, lambda tmp: canvas.save(tmp, format='PNG'))
 
 
 def bits_per_dim_plot(path, curves, title):
@@ -371,7 +372,7 @@ def previous_evaluation(run_dir, args, evaluation, checkpoints):
 
 def write_outputs(args, results):
     out = args.output_dir
-    utils.write_text(os.path.join(out, 'results.json'), json.dumps(results, indent=2) + '\n')
+    files.write_text(os.path.join(out, 'results.json'), json.dumps(results, indent=2) + '\n')
     title = f'{args.dataset}, data range [{args.data_range}]'
     components = ', '.join(sorted({str(r['gmm_components']) for r in results if 'gmm_components' in r})) or '–'
     iw_images = (f'the first {args.iw_images} test images (the other columns: all of them)'
@@ -410,7 +411,7 @@ def write_outputs(args, results):
                  'the sigma = 1 gaussian decoder with the same gradients; a summary only for a '
                  'sigma per image or per value):\n\n'
                  + markdown_table(by_beta, SWEEP_COLUMNS))
-    utils.write_text(os.path.join(out, 'results.md'), text)
+    files.write_text(os.path.join(out, 'results.md'), text)
     figure_rows, curves = [], []
     evaluated = [r for r in results if 'step' in r]  # not diverged before a checkpoint
     for r in evaluated:
@@ -493,7 +494,7 @@ def _pyplot():
 
 def _save(fig, path):
     fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
     _pyplot().close(fig)
 
 

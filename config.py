@@ -20,6 +20,7 @@ import types
 import typing
 from typing import Optional
 
+import files
 import utils
 from utils import UsageError
 
@@ -240,13 +241,13 @@ class Config:
         """UsageError, naming the flag and the path, for a folder the run cannot read or write:
         an image folder (--dataset with a '/'), --data_dir, --output_dir."""
         if os.sep in self.dataset:  # a folder of images, as data.load decides
-            utils.check_input(self.dataset, '--dataset', 'folder')
+            files.check_input(self.dataset, '--dataset', 'folder')
         if self.data_dir is not None:
             if os.path.exists(self.data_dir):
-                utils.check_input(self.data_dir, '--data_dir', 'folder')
+                files.check_input(self.data_dir, '--data_dir', 'folder')
             else:  # tensorflow-datasets prepares data there
-                utils.check_output(self.data_dir, '--data_dir', 'folder')
-        utils.check_output(self.output_dir, '--output_dir', 'folder')
+                files.check_output(self.data_dir, '--data_dir', 'folder')
+        files.check_output(self.output_dir, '--output_dir', 'folder')
 
     def check_outside_data(self):
         """Raises UsageError if the run folder is inside the image folder of --dataset (real

@@ -15,6 +15,7 @@ import utils  # first: from here on a Ctrl-C ends the command in one line
 import sys
 
 import config as settings
+import files
 import run_folder
 
 PRIORS = settings.registry('priors', 'PRIORS')
@@ -47,11 +48,11 @@ def parse_args(argv=None):
 
 def check_paths(args, program):
     """--run is a run folder it can write its results into; --inception_weights an HDF5 file."""
-    utils.check_input(args.run, '--run', 'folder')
+    files.check_input(args.run, '--run', 'folder')
     run_folder.read_config(args.run)
     run_folder.check_writable(args.run, program)
     if args.inception_weights is not None:
-        utils.check_hdf5(args.inception_weights, '--inception_weights')
+        files.check_hdf5(args.inception_weights, '--inception_weights')
 
 
 def parse_priors(text, parser):

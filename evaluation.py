@@ -21,6 +21,7 @@ import losses
 import models
 import priors
 import run_folder
+import files
 import utils
 from priors import PRIORS
 from utils import UsageError
@@ -72,11 +73,11 @@ def active_units(means, threshold=0.01):
 def export_samples(folder, samples, data_range, name='samples'):
     """<name>.npz (uint8 'images', with their range) and one PNG per sample in <name>_png/."""
     npz = os.path.join(folder, name + '.npz')
-    utils.save_npz(npz, images=samples, pixel_range=np.array('uint8 0-255'),
+    files.save_npz(npz, images=samples, pixel_range=np.array('uint8 0-255'),
                    model_data_range=np.array(data_range))
     png_dir = os.path.join(folder, name + '_png')
     # The run's own folder: refilled whole (PNGs of an earlier version's export are replaced).
-    utils.save_pngs(png_dir, samples, '--export', legacy=True)
+    files.save_pngs(png_dir, samples, '--export', legacy=True)
     return npz, png_dir
 
 
@@ -95,7 +96,7 @@ def evaluate_run(run_dir, evaluation=None, export=False, feature_cache=None,
     if 'inception' in evaluation.features.split(','):  # before the long work: a download, a file
         features.check_inception_weights(evaluation.inception_weights)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(utils.private_tempdir())
+        stack.enter_context(files.private_tempdir())
         if export and os.path.isdir(run_dir):  # it writes into the run folder: one writer
             stack.enter_context(run_folder.FolderLock(run_dir, 'evaluate.py --export'))
         return _evaluate_run(run_dir, evaluation, export, feature_cache, prior_names)
@@ -156,7 +157,7 @@ def _evaluate_run(run_dir, evaluation, export, feature_cache, prior_names):
         # A 10x10 grid of what the sample quality sees at t = 1 (the grids training writes use
         # its moving batch norm statistics); compare.py shows them.
         if PRIORS[prior] in samples:
-            utils.save_png(os.path.join(
+            files.save_png(os.path.join(
                 run_dir, run_folder.IMAGES,
                 f"{run_folder.EVALUATED}{PRIORS[prior]}_{result['step']:08d}.png"),
                 utils.image_grid(samples[PRIORS[prior]][:run_folder.NUM_SAMPLES], 10, 10))
@@ -168,7 +169,7 @@ def _evaluate_run(run_dir, evaluation, export, feature_cache, prior_names):
         result.update(sample_quality(splits, config, samples, networks,
                                      evaluation.inception_weights, feature_cache))
     result['eval_seconds'] = round(time.time() - start, 1)
-    utils.write_text(os.path.join(run_dir, run_folder.EVALUATION_FILE),
+    files.write_text(os.path.join(run_dir, run_folder.EVALUATION_FILE),
                      json.dumps(result, indent=2) + '\n')
     return result
 

@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 import data
+import files
 import utils
 from utils import UsageError
 
@@ -386,8 +387,8 @@ def classifier_features(name, splits, dataset, image_size, cache_dir):
         model = _train_classifier(name, splits, image_size, path)
         seconds = time.time() - started
         os.makedirs(cache_dir, exist_ok=True)
-        utils.atomic_write(path, model.save)
-        utils.write_text(os.path.splitext(path)[0] + '.json', json.dumps(identity, indent=2) + '\n')
+        files.atomic_write(path, model.save)
+        files.write_text(os.path.splitext(path)[0] + '.json', json.dumps(identity, indent=2) + '\n')
     accuracy = float(np.mean(np.argmax(model.predict(test_x, 1024, verbose=0), -1) == test_y))
     if trained:
         print(f'the {name} feature classifier: trained in {seconds:.0f} s, right on '

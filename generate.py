@@ -19,6 +19,7 @@ import os
 import sys
 
 import config as settings
+import files
 import run_folder
 from utils import UsageError
 
@@ -144,7 +145,7 @@ def parse_args(argv=None):
     """The flags, and what they name checked before TensorFlow is imported (one line, exit
     status 2): the run folder, the image files and folders to read, --out's kind and place."""
     args = make_parser().parse_args(argv)
-    utils.check_input(args.run, '--run', 'folder')
+    files.check_input(args.run, '--run', 'folder')
     run_folder.read_config(args.run)
     count = {'reconstruct': None, 'encode': None, 'interpolate': 2}
     if args.command in count:
@@ -152,7 +153,7 @@ def parse_args(argv=None):
     for flag, kind in (('images', 'any'), ('a', 'file'), ('b', 'file'), ('image', 'file')):
         path = getattr(args, flag, None)
         if path is not None and not (flag == 'images' and path == 'test'):
-            utils.check_input(path, '--' + flag, kind)
+            files.check_input(path, '--' + flag, kind)
     if args.command in OUTPUTS:
         args.kind = output_kind(args.out, OUTPUTS[args.command])
     return args
@@ -183,9 +184,9 @@ def output_kind(path, allowed):
     if kind == 'folder' and os.path.isfile(os.path.join(path, run_folder.CONFIG_FILE)):
         raise UsageError(f"--out '{path}' is a run folder: its PNGs would lie among the run's "
                          f"files; give a folder of their own, e.g. {os.path.join(path, 'samples')}")
-    utils.check_output(path, '--out', 'folder' if kind == 'folder' else 'file')
+    files.check_output(path, '--out', 'folder' if kind == 'folder' else 'file')
     if kind == 'folder' and '.png' in allowed:  # a folder of images: the tool's own, refilled whole
-        utils.check_replaceable(path, '--out', utils.is_png_output)
+        files.check_replaceable(path, '--out', files.is_png_output)
     return kind
 
 

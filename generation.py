@@ -12,8 +12,10 @@ import tensorflow as tf
 
 import checkpoints
 import data
+import image_folders
 import models
 import priors
+import files
 import utils
 from utils import UsageError
 
@@ -30,7 +32,7 @@ def read_images(args, config, state, n=None):
     if args.test_images is not None:
         return test_images(args.test_images, config, state)
     if args.images != 'test':
-        images, names = data.read_images(args.images, config.image_size, config.channels)
+        images, names = image_folders.read_images(args.images, config.image_size, config.channels)
         return images[:n], names[:n]
     count = min(n, state.splits.num_test) if n else state.splits.num_test
     return test_images(range(count), config, state)
@@ -52,7 +54,7 @@ def read_image(path, config, flag):
     """One image file -> uint8 (S, S, C) at the run's size and channels."""
     if os.path.isdir(path):
         raise UsageError(f"{flag} must be an image file, '{path}' is a folder")
-    return data.read_images(path, config.image_size, config.channels)[0][0]
+    return image_folders.read_images(path, config.image_size, config.channels)[0][0]
 
 
 def write_output(path, kind, tiles, columns, **arrays):
@@ -61,13 +63,13 @@ def write_output(path, kind, tiles, columns, **arrays):
     try:
         if kind == '.npz':
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            utils.save_npz(path, **arrays)
+            files.save_npz(path, **arrays)
         elif kind == '.png':
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             columns = min(columns, len(tiles))
-            utils.save_png(path, utils.image_grid(tiles, -(-len(tiles) // columns), columns))
+            files.save_png(path, utils.image_grid(tiles, -(-len(tiles) // columns), columns))
         else:
-            utils.save_pngs(path, tiles, '--out')
+            files.save_pngs(path, tiles, '--out')
     except OSError as e:
         raise UsageError(f"cannot write --out '{path}': {e.strerror}") from None
     print(f'wrote {path}')
@@ -282,15 +284,15 @@ def exported(path):
 
 def export(args):
     out = os.path.normpath(args.out)
-    utils.check_replaceable(out, '--out', exported, legacy=True)  # an earlier version's export
+    files.check_replaceable(out, '--out', exported, legacy=True)  # an earlier version's export
     config, vae, _ = checkpoints.load_model(args.run)
 
     def write(tmp):
         saved_model(vae, config).write_out(tmp, verbose=False)
-        utils.give_umask_permissions(tmp)  # TensorFlow writes 755 folders whatever the umask
+        files.give_umask_permissions(tmp)  # TensorFlow writes 755 folders whatever the umask
 
     try:  # written beside --out and renamed into place: a reader never sees half a SavedModel
-        utils.replace_folder(out, write, '--out', exported, legacy=True, what='a SavedModel')
+        files.replace_folder(out, write, '--out', exported, legacy=True, what='a SavedModel')
     except (OSError, tf.errors.OpError) as e:
         reason = e.strerror if isinstance(e, OSError) else e.message
         raise UsageError(f"cannot write --out '{args.out}': {reason}") from None

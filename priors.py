@@ -13,7 +13,7 @@ import tensorflow as tf
 import config as settings
 import models
 import run_folder
-import utils
+import files
 from utils import UsageError
 
 
@@ -83,7 +83,7 @@ def fit_prior(run_dir, config, vae, state, components=settings.GMM_COMPONENTS, w
                seed=np.array(config.seed), num_means=np.array(len(means)),
                fit_seconds=np.array(fitted - encoded))
     try:
-        utils.save_npz(path, **gmm)
+        files.save_npz(path, **gmm)
     except OSError as e:
         raise UsageError(f'cannot write {path}: {e.strerror}') from None
     print(f'fitted a {components}-component Gaussian mixture (full covariances) to the '

@@ -22,7 +22,7 @@ import socket
 import sys
 
 import config as settings
-import utils
+import files
 from utils import UsageError
 
 CONFIG_FILE = 'config.json'
@@ -36,7 +36,7 @@ EVALUATION_FILE = 'evaluation.json'
 # What a run folder of this tool holds (evaluate.py --export adds samples*.npz and samples*_png/).
 RUN_ENTRIES = (CONFIG_FILE, CHECKPOINTS, METRICS_FILE, METRICS_FILE + '.damaged', IMAGES, LOGS,
                LOCK, PRIOR_FILE, EVALUATION_FILE, 'samples.npz', 'samples_png', 'samples_gmm.npz',
-               'samples_gmm_png', utils.MARKER)
+               'samples_gmm_png', files.MARKER)
 NUM_SAMPLES = 100  # the prior samples of a training grid (10x10): the first of the run's fixed z
 EVALUATED = 'evaluated_samples'  # images/<this><prior suffix>_<step>.png: evaluate.py's grids
 
@@ -55,7 +55,7 @@ def read_config_file(path):
 
 
 def write_config(config):
-    utils.write_text(os.path.join(config.run_dir, CONFIG_FILE),
+    files.write_text(os.path.join(config.run_dir, CONFIG_FILE),
                      json.dumps(dataclasses.asdict(config), indent=2) + '\n')
 
 
@@ -90,7 +90,7 @@ def check_run_folder(run_dir):
         raise UsageError(f'{run_dir} is a file, not a run folder: give another --experiment_name')
     names = os.listdir(run_dir)
     config = os.path.join(run_dir, CONFIG_FILE)
-    if not utils.is_marked(run_dir) and names:
+    if not files.is_marked(run_dir) and names:
         why = None
         if os.path.lexists(config):
             try:
@@ -104,7 +104,7 @@ def check_run_folder(run_dir):
                              f'another --experiment_name or --output_dir (the tool writes only into '
                              f'folders it made)')
     for name in RUN_ENTRIES:
-        utils.refuse_link(os.path.join(run_dir, name), 'the run folder entry')
+        files.refuse_link(os.path.join(run_dir, name), 'the run folder entry')
 
 
 def check_writable(run_dir, program, folders=('', IMAGES)):
@@ -163,7 +163,7 @@ class FolderLock:
                              f'it') from None
 
     def __enter__(self):
-        utils.refuse_link(self.path, 'the lock')  # O_NOFOLLOW's error would say less
+        files.refuse_link(self.path, 'the lock')  # O_NOFOLLOW's error would say less
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         try:
             locked = self._lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -223,7 +223,7 @@ def read_metrics(run_dir):
 
 def append_row(run_dir, row):
     """Appends a row to metrics.jsonl and flushes it to the disk."""
-    utils.append_lines(os.path.join(run_dir, METRICS_FILE), [json.dumps(row)])
+    files.append_lines(os.path.join(run_dir, METRICS_FILE), [json.dumps(row)])
 
 
 def resume_rows(run_dir, step, chief=True):
@@ -234,11 +234,11 @@ def resume_rows(run_dir, step, chief=True):
     rows, damaged = read_rows(path)
     kept = [r for r in rows if r['step'] <= step]
     if chief and damaged:
-        utils.append_lines(path + '.damaged', damaged)
+        files.append_lines(path + '.damaged', damaged)
         print(f'{path}: {len(damaged)} damaged line(s) set aside in {path}.damaged',
               file=sys.stderr)
     if chief and (damaged or len(kept) < len(rows)):
-        utils.write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
+        files.write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
     return kept
 
 

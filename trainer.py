@@ -18,10 +18,12 @@ import tensorflow as tf
 import checkpoints
 import config as settings
 import data
+import image_folders
 import losses
 import models
 import priors
 import run_folder
+import files
 import utils
 from checkpoints import Diverged
 from utils import UsageError
@@ -231,7 +233,7 @@ class Trainer:
         pairs = utils.side_by_side(data.to_uint8(recon_inputs, data_range), recons)
         for name, images in (('samples', samples), ('reconstructions', pairs)):
             grid = utils.image_grid(images, 10, 10)
-            utils.save_png(os.path.join(folder, f'{name}_{step:08d}.png'), grid)
+            files.save_png(os.path.join(folder, f'{name}_{step:08d}.png'), grid)
             tf.summary.image('images/' + name, grid[None], step=step)  # no-op without a writer
 
 
@@ -274,7 +276,7 @@ def train(config):
     with status 130 / 143 after Ctrl-C / SIGTERM.
     """
     config.check()
-    with utils.private_tempdir():  # nothing is left in $TMPDIR, even after a SIGKILL
+    with files.private_tempdir():  # nothing is left in $TMPDIR, even after a SIGKILL
         strategy = make_strategy(config.strategy)  # first: multi-worker starts before other ops
         keras.mixed_precision.set_dtype_policy(POLICIES[config.mixed_precision])
         try:
@@ -313,8 +315,8 @@ def _train(config, strategy):
                 stack.enter_context(lock)
                 run_folder.check_run_folder(config.run_dir)  # again: after another process, too
                 check_resume(config)
-                utils.mark_folder(config.run_dir, 'a run folder')
-                utils.remove_temporary_files(config.run_dir,
+                files.mark_folder(config.run_dir, 'a run folder')
+                files.remove_temporary_files(config.run_dir,
                                              os.path.join(config.run_dir, run_folder.IMAGES))
             except OSError as e:
                 raise UsageError(f'cannot write to {config.run_dir}: {e.strerror}') from None
@@ -361,7 +363,7 @@ class Loop:
         except StopIteration:
             raise UsageError(f'the test split of {splits.source} ({splits.num_test} files) gives '
                              f'no image: {unreadable()}') from None
-        self.skipped = len(data.skipped_files())  # said at each epoch's end when it grows
+        self.skipped = len(image_folders.skipped_files())  # said at each epoch's end when it grows
         self.window = None  # (step, skipped updates) where check_skipping's window starts
         self.total = config.epochs * steps_per_epoch
         if config.max_steps:
@@ -504,8 +506,8 @@ class Loop:
             self.row = row
             say = self.bar.write if self.bar is not None else print
             say(format_row(row))
-            if len(data.skipped_files()) > self.skipped:
-                self.skipped = len(data.skipped_files())
+            if len(image_folders.skipped_files()) > self.skipped:
+                self.skipped = len(image_folders.skipped_files())
                 say(f'warning: {unreadable()}', file=sys.stderr)
         if save:
             trainer.save()
@@ -563,7 +565,7 @@ def format_row(row):
 def unreadable():
     """What the streams of this process could not read: 'N image files could not be read, e.g.
     A, B, C'."""
-    files = data.skipped_files()
+    files = image_folders.skipped_files()
     if not files:
         return 'its image files could not be read'
     return f"{len(files)} image file(s) could not be read, e.g. {', '.join(files[:3])}"

@@ -12,6 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import files
 import utils  # noqa: E402  (the project's, after its path: quiet TensorFlow, one-line errors)
 utils.quiet_tensorflow()
 
@@ -57,8 +58,8 @@ def parse_args(argv=None):
                    help='the PNG of the sample grid')
     args = p.parse_args(argv)
     if os.sep in args.dataset:
-        utils.check_input(args.dataset, '--dataset', 'folder')
-    utils.check_output(args.samples, '--samples')
+        files.check_input(args.dataset, '--dataset', 'folder')
+    files.check_output(args.samples, '--samples')
     return args
 
 
@@ -86,7 +87,7 @@ def train(args):
 
     z = tf.random.stateless_normal((100, args.z_dim), seed=[args.seed, 2])
     os.makedirs(os.path.dirname(os.path.abspath(args.samples)), exist_ok=True)
-    utils.save_png(args.samples, utils.image_grid(data.to_uint8(vae.decode(z)), 10, 10))
+    files.save_png(args.samples, utils.image_grid(data.to_uint8(vae.decode(z)), 10, 10))
     print(f'wrote {args.samples}')
     return test
 

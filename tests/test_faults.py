@@ -14,8 +14,10 @@ import tensorflow as tf
 from PIL import Image
 
 import data
+
+import image_folders
 import train
-import utils
+import files
 from conftest import TINY, run
 import trainer as training
 
@@ -150,7 +152,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, capsys):
     for name in ('truncated.png', 'garbage.jpg'):
         assert f'skipped image file {os.path.join(folder, name)}: could not be read' in err
     # Before streaming (check_files=True, for older runs), all were decoded up front.
-    splits = data.load_folder(folder, 28, check_files=True)
+    splits = image_folders.load_folder(folder, 28, check_files=True)
     assert splits.num_train + splits.num_test == 20
     assert 'skipped 2 of 22 image files' in capsys.readouterr().err
 
@@ -253,5 +255,5 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         raise OSError('disk full')
 
     with pytest.raises(OSError):
-        utils.atomic_write(str(target), fail_midway)
+        files.atomic_write(str(target), fail_midway)
     assert os.listdir(tmp_path) == ['x.txt'] and target.read_text() == 'old'

@@ -20,7 +20,7 @@ import models
 import run_folder
 import evaluate
 import train
-import utils
+import files
 from conftest import TINY, run
 from test_faults import REPO, checkpoint_tensors, make_images, start, strict_rows, wait_for
 import checkpoints
@@ -558,7 +558,7 @@ def test_files_get_the_permissions_of_the_umask(image_folder, trained, tmp_path)
     previous = os.umask(0o022)
     try:
         assert run(args_of(image_folder, tmp_path, 'r', '--max_steps', '7')) == 0
-        utils.write_text(str(tmp_path / 'evaluation.json'), '{}')
+        files.write_text(str(tmp_path / 'evaluation.json'), '{}')
     finally:
         os.umask(previous)
     for path in [run_dir / 'config.json', run_dir / 'metrics.jsonl', run_dir / 'lock',

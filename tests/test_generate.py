@@ -14,7 +14,7 @@ from PIL import Image
 import data
 import generate
 import run_folder
-import utils
+import files
 from conftest import TINY, run, trained_run
 import checkpoints
 import priors
@@ -85,7 +85,7 @@ def test_sample_writes_npz_png_and_folder_deterministically(trained, tmp_path, c
     assert not grid[28:, 2 * 28:].any()  # the 8 cells after the 12 images stay black
 
     assert gen('sample', '--run', run_dir, '--n', 3, '--seed', 4, '--out', tmp_path / 'f') == 0
-    assert sorted(os.listdir(tmp_path / 'f')) == [utils.MARKER, '000000.png', '000001.png',
+    assert sorted(os.listdir(tmp_path / 'f')) == [files.MARKER, '000000.png', '000001.png',
                                                   '000002.png']
     other = pil_images(folder_files(tmp_path / 'f'))
     assert not np.array_equal(other, images[:3])  # another seed, other samples

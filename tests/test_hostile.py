@@ -15,9 +15,11 @@ from PIL import Image
 
 import compare
 import data
+import image_folders
 import evaluate
 import generate
 import run_folder
+import files
 import utils
 from conftest import TINY, run, trained_run
 import checkpoints
@@ -475,7 +477,7 @@ def test_evaluate_on_a_full_disk_is_one_line(trained, tmp_path, capsys, monkeypa
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(utils, 'atomic_write', full)
+    monkeypatch.setattr(files, 'atomic_write', full)
     capsys.readouterr()
     assert evaluate.main(['--run', str(copy), '--features', 'none', '--iw_samples', '2',
                           '--prior', 'normal', '--fid_samples', '4']) == 1
@@ -491,9 +493,9 @@ def test_a_saved_model_gets_the_permissions_of_the_umask(trained, tmp_path):
                               str(tmp_path / 'sm')]) == 0
     finally:
         os.umask(previous)
-    for root, dirs, files in os.walk(tmp_path / 'sm'):
+    for root, dirs, names in os.walk(tmp_path / 'sm'):
         assert stat.S_IMODE(os.stat(root).st_mode) == 0o775, root
-        for name in files:
+        for name in names:
             assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == 0o664, name
 
 
@@ -693,7 +695,7 @@ def test_an_output_folder_holds_exactly_the_last_output(trained, tmp_path):
     out = tmp_path / 'samples'
     assert generate.main(['sample', '--run', trained, '--n', '10', '--out', str(out)]) == 0
     assert generate.main(['sample', '--run', trained, '--n', '4', '--out', str(out)]) == 0
-    assert sorted(os.listdir(out)) == [utils.MARKER] + [f'{i:06d}.png' for i in range(4)]
+    assert sorted(os.listdir(out)) == [files.MARKER] + [f'{i:06d}.png' for i in range(4)]
     assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp-')]
 
 
@@ -761,9 +763,9 @@ def test_a_split_without_readable_images_is_one_line(tmp_path, capsys):
     assert not (tmp_path / 'o').exists()  # nothing written
     # Readable training images, a test split of empty files: refused before the run folder.
     # The test split is the first 10% of a permutation seeded by --seed of the sorted files
-    # (data.load_folder's docstring); with the empty ones listed, the split does not move.
+    # (image_folders.load_folder's docstring); with the empty ones listed, the split does not move.
     folder = make_images(tmp_path / 'g', n=40)
-    files = data.list_images(str(folder))[0]
+    files = image_folders.list_images(str(folder))[0]
     order = np.random.default_rng(1).permutation(len(files))  # TINY's --seed 1
     for i in order[:4]:
         open(files[i], 'wb').close()

@@ -9,6 +9,8 @@ from PIL import Image
 from conftest import TINY, run
 
 import data
+
+import image_folders
 import run_folder
 
 
@@ -37,7 +39,7 @@ def test_a_streamed_folder_gives_the_test_split_and_fingerprint_of_an_eager_read
     labels = list(splits.test_labels.as_numpy_iterator())
     assert labels == [int(os.path.basename(os.path.dirname(p))[-1]) for p in paths]
     # The older reading (check_files=True) of a folder with nothing bad gives the same.
-    older = data.load_folder(image_folder, 28, seed=1, check_files=True)
+    older = image_folders.load_folder(image_folder, 28, seed=1, check_files=True)
     assert older.fingerprint == fingerprint
     np.testing.assert_array_equal(np.stack(list(older.test.as_numpy_iterator())), expected)
 
@@ -54,11 +56,11 @@ def make_folder(folder, count, classes=2):
 def test_load_opens_a_few_headers_and_decodes_nothing(tmp_path, monkeypatch):
     folder = make_folder(tmp_path / 'many', 300)
     opened, decoded = [], []
-    real_open, real_read = Image.open, data._read_image
+    real_open, real_read = Image.open, image_folders._read_image
     monkeypatch.setattr(Image, 'open', lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
-    monkeypatch.setattr(data, '_read_image', lambda *a: decoded.append(a[0]) or real_read(*a))
+    monkeypatch.setattr(image_folders, '_read_image', lambda *a: decoded.append(a[0]) or real_read(*a))
     splits = data.load(folder, 28, seed=0)
-    assert len(opened) <= data.MODE_SAMPLE < 300 and decoded == []  # headers of a sample only
+    assert len(opened) <= image_folders.MODE_SAMPLE < 300 and decoded == []  # headers of a sample only
     assert splits.num_train + splits.num_test == 300
     next(iter(data.make_pipeline(splits.train, 28, 8, shuffle_seed=0)))
     assert 8 <= len(decoded) < 300  # the first batch decodes what it needs, not the folder
@@ -66,8 +68,8 @@ def test_load_opens_a_few_headers_and_decodes_nothing(tmp_path, monkeypatch):
 
 def decodes_per_pass(splits, monkeypatch, passes=2):
     decoded = []
-    real_read = data._read_image
-    monkeypatch.setattr(data, '_read_image', lambda *a: decoded.append(a[0]) or real_read(*a))
+    real_read = image_folders._read_image
+    monkeypatch.setattr(image_folders, '_read_image', lambda *a: decoded.append(a[0]) or real_read(*a))
     pipeline = data.make_pipeline(splits.train, 28, 8, shuffle_seed=0)
     for _ in range(passes):
         for _ in pipeline:
@@ -121,7 +123,7 @@ def test_a_run_made_before_streaming_of_a_folder_with_a_bad_file_resumes(tmp_pat
     path = os.path.join(str(tmp_path), 'sigma', run_folder.CONFIG_FILE)
     with open(path) as f:
         saved = json.load(f)
-    older = data.load_folder(folder, 28, saved['seed'], check_files=True)
+    older = image_folders.load_folder(folder, 28, saved['seed'], check_files=True)
     assert older.fingerprint != saved['data_fingerprint']  # 40 decodable files, not 41 listed
     saved['data_fingerprint'] = older.fingerprint  # as the eager reading recorded it
     with open(path, 'w') as f:
