@@ -230,8 +230,9 @@ class Lines:
         if now - self.last >= PROGRESS_SECONDS or self._tenth() > self.tenth:
             self.last, self.tenth = now, self._tenth()
             done = self.n - self.start_n
+            plural = self.unit + ('es' if self.unit.endswith(('s', 'sh', 'ch', 'x')) else 's')
             line = f'{self.desc}: {self.n}' + (f'/{self.total}' if self.total else '') + \
-                f' {self.unit}s'
+                f' {plural}'
             if self.total:
                 line += f' ({100 * self.n / self.total:.0f}%)'
             line += f', {_duration(now - self.start)} so far'

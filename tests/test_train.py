@@ -231,3 +231,11 @@ def test_progress_without_a_terminal_is_a_line_each_tenth(capsys, monkeypatch):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 10 and lines[0].startswith('counting: 2/20 items (10%), ')
     assert lines[-1].startswith('counting: 20/20 items (100%)') and 'left' in lines[0]
+
+
+def test_progress_lines_name_their_unit_in_the_plural(capsys, monkeypatch):
+    import utils
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: False)
+    for unit, plural in (('batch', 'batches'), ('step', 'steps'), ('subset', 'subsets')):
+        list(utils.progress(range(1), desc='d', unit=unit))
+        assert capsys.readouterr().err.startswith(f'd: 1/1 {plural} (100%)')
