@@ -1,10 +1,14 @@
 """The deep sigma-VAE's tools: the posterior of the hierarchical network's lower groups, the
 moving average of the weights (--ema)."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import checkpoints
 import config as settings
@@ -12,7 +16,7 @@ import losses
 import models
 import run_folder
 import trainer as training
-from conftest import run, trained_run
+from conftest import REPO, run, trained_run
 
 TINY_NET = dict(width=4, depth=1)
 
@@ -144,6 +148,17 @@ def test_a_temperature_scales_each_groups_draw(image_folder, tmp_path):
     np.testing.assert_array_equal(
         loaded.sample(n=4, seed=np.int64(1))['images'].numpy(),
         loaded.sample_at(n=4, seed=np.int64(1), temperature=np.ones(3, np.float32))['images'].numpy())
+    # examples/sample_pretrained.py: the same draw at one temperature for every group, as a grid,
+    # in a process that imports no module of this project.
+    grid = tmp_path / 'grid.png'
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'examples', 'sample_pretrained.py'),
+                           str(tmp_path / 'm'), '--n', '4', '--seed', '1', '--temperature', '0.5',
+                           '--out', str(grid)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    half = loaded.sample_at(n=4, seed=np.int64(1), temperature=np.full(3, 0.5, np.float32))
+    cells = np.asarray(Image.open(grid))
+    np.testing.assert_array_equal(cells[:28, :28], half['images'].numpy()[0, ..., 0])
+    np.testing.assert_array_equal(cells[28:, 28:], half['images'].numpy()[3, ..., 0])
 
 
 # ---- batch norm's statistics, stored beside their checkpoint ---------------------------------
