@@ -6,7 +6,7 @@ of config.json and the resume policy are all made from these declarations.
     Evaluation   what an evaluation measures (evaluate.py, compare.py), recorded in evaluation.json
 
 Imports no TensorFlow, so that --help and a bad flag answer at once: the choices that come from
-the registries (losses.DECODERS, models.NETWORKS, ...) are read from their modules' source
+the registries (losses.DECODERS, networks.NETWORKS, ...) are read from their modules' source
 until those are imported (`registry`).
 """
 import argparse
@@ -38,7 +38,7 @@ DERIVED = 'derived'  # not a flag: train.py reads it off the data; checked on re
 # ---- the registries, without importing them ------------------------------------------
 
 def registry(module, name):
-    """The registry `name` of `module` (e.g. 'models', 'NETWORKS'): the module's own dict once it
+    """The registry `name` of `module` (e.g. 'networks', 'NETWORKS'): the module's own dict once it
     is imported (with what was registered at run time), else the dict as its source writes it,
     read without importing the module (and TensorFlow): literal values as they are, a class as
     a namespace of its literal class attributes (inherited ones included)."""
