@@ -438,11 +438,8 @@ def write_outputs(args, results):
 
 def precision_recall_figure(path, results, networks, title):
     """Precision against recall in each feature space: a run's points, one per prior, joined."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 5), dpi=100,
-                             squeeze=False)
-    colors = plt.get_cmap('tab10').colors
-    for ax, net in zip(axes[0], networks):
+    fig, axes, colors = _per_network(networks)
+    for ax, net in zip(axes, networks):
         for i, r in enumerate(results):
             points = [(r[f'recall_{net}{s}'], r[f'precision_{net}{s}'], m)
                       for s, m in (('', 'o'), ('_gmm', 's')) if f'recall_{net}{s}' in r]
@@ -465,11 +462,8 @@ def precision_recall_figure(path, results, networks, title):
 
 def temperature_figure(path, results, networks, title):
     """FID against the sampling temperature in each feature space: a line per run and prior."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 5), dpi=100,
-                             squeeze=False)
-    colors = plt.get_cmap('tab10').colors
-    for ax, net in zip(axes[0], networks):
+    fig, axes, colors = _per_network(networks)
+    for ax, net in zip(axes, networks):
         for i, r in enumerate(results):
             for suffix, style in (('', '-'), ('_gmm', '--')):
                 points = sorted((t, r[k]) for k in r
@@ -483,6 +477,14 @@ def temperature_figure(path, results, networks, title):
         ax.legend(fontsize=7)
     fig.suptitle(f'FID against the sampling temperature, {title}')
     _save(fig, path)
+
+
+def _per_network(networks):
+    """A figure of one panel per feature network: (figure, panels, a color per run)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 5), dpi=100,
+                             squeeze=False)
+    return fig, axes[0], plt.get_cmap('tab10').colors
 
 
 def _pyplot():

@@ -93,26 +93,30 @@ def run_command(prog, parse_args, work, argv=None):
     one line, status 2; --help answers at once), then import TensorFlow quietly and `work`
     ('module:function', the library function that does the command's work, or a function), call
     it with the parsed flags, and end any error in one line `<prog>: error: ...` with its status:
-    UsageError 2, RunFailed 1, OSError 1 (a full disk, say). From here on a Ctrl-C raises
-    SystemExit(130), so that a command's own cleanup runs (training saves its checkpoint: see
-    Interrupts); an interrupted command ignores further signals on its way out.
+    UsageError 2, RunFailed 1, OSError 1 (a full disk, say). Until the work starts (flags,
+    imports: nothing written yet) a Ctrl-C ends the process at once with one line and 130; from
+    then on it raises SystemExit(130), so that a command's own cleanup runs (training saves its
+    checkpoint: see Interrupts); an interrupted command ignores further signals on its way out.
 
     Once work(args) has returned, its work is done and said ('wrote ...'), and its status is
     decided: a Ctrl-C while Python and TensorFlow shut down (a second or more) is ignored.
     A handler cannot serve there: Python resets its handlers to the default late in its
     shutdown, and the signal would kill the process (status -2, no line), or raise inside a
     destructor (a traceback, status 0)."""
-    command = _is_command()
-    if command and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _interrupted)
-        sys.unraisablehook = _unraisable(sys.unraisablehook)
+    command = _is_command() and threading.current_thread() is threading.main_thread()
     try:
+        # Until the work starts, nothing is written: a Ctrl-C leaves at once (_exit_now). An
+        # exception raised inside an import can surface as another error, or be swallowed.
         args = parse_args(argv)
         quiet_tensorflow()
         mark('tensorflow')
         if isinstance(work, str):
             module, name = work.split(':')
             work = getattr(importlib.import_module(module), name)
+        if command:
+            signal.signal(signal.SIGINT, _interrupted)
+            sys.unraisablehook = _unraisable(sys.unraisablehook)
+            mark('work')
         work(args)
         if command and _signalled:  # the interrupt was raised in a destructor, and swallowed
             return 128 + _signalled[0]
@@ -123,6 +127,10 @@ def run_command(prog, parse_args, work, argv=None):
         where = f'cannot write {e.filename}' if e.filename else 'a file could not be written'
         print(f'{prog}: error: {where}: {e.strerror or e}', file=sys.stderr)
         return 1
+    except Exception:
+        if command and _signalled:  # the interrupt surfaced as another error (a lazy import's)
+            return 128 + _signalled[0]
+        raise
     except KeyboardInterrupt:
         print(f'{prog}: interrupted', file=sys.stderr)
         return 130

@@ -83,3 +83,20 @@ def run(argv):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+
+
+def tiny_trainer(tmp_path, name, **kwargs):
+    """A Trainer of a small optimal run (batch 8, z_dim 4) in tmp_path/name, without data."""
+    import config as settings
+    import trainer
+    config = settings.Config(model='optimal', batch_size=8, z_dim=4, seed=3, channels=1,
+                             output_dir=str(tmp_path), experiment_name=name, **kwargs)
+    config.check()
+    return trainer.Trainer(config)
+
+
+def random_batch(seed, n=8, size=28, channels=1):
+    """n images of uniform noise in [-1, 1], as a float32 tensor."""
+    import tensorflow as tf
+    return tf.constant(np.random.default_rng(seed).uniform(-1, 1, (n, size, size, channels)),
+                       tf.float32)

@@ -8,24 +8,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import losses
-import models
-import run_folder
-import train
-from conftest import on_two_cpus
-from utils import UsageError
 import checkpoints
 import config as settings
 import evaluation
+import losses
+import models
 import networks
+import run_folder
+import train
 import trainer as training
+from conftest import on_two_cpus, random_batch as _batch, tiny_trainer as _trainer
+from utils import UsageError
 
 TINY_NET = dict(width=4, depth=1)
-
-
-def _batch(seed, n=8, size=28, channels=1):
-    return tf.constant(np.random.default_rng(seed).uniform(-1, 1, (n, size, size, channels)),
-                       tf.float32)
 
 
 @pytest.mark.parametrize('model', list(losses.DECODERS))
@@ -267,13 +262,6 @@ def test_free_bits_value_and_no_gradient_below_lambda():
                                + lam / 2, rtol=1e-5)
 
 
-def _trainer(tmp_path, name, **kwargs):
-    config = settings.Config(model='optimal', batch_size=8, z_dim=4, seed=3, channels=1,
-                               output_dir=str(tmp_path), experiment_name=name, **kwargs)
-    config.check()
-    return training.Trainer(config)
-
-
 def test_skip_threshold_skips_the_update_and_counts_it(tmp_path):
     trainer = _trainer(tmp_path, 'skip', width=4, skip_threshold=1e-6)
     before = [w.numpy() for w in trainer.vae.trainable_variables]
@@ -291,11 +279,13 @@ def test_skip_threshold_skips_the_update_and_counts_it(tmp_path):
                for b, w in zip(before, trainer.vae.trainable_variables))
 
 
-@pytest.mark.parametrize('arch', ['resnet', 'hierarchical'])
-def test_resume_equals_an_uninterrupted_run(tmp_path, arch):
+@pytest.mark.parametrize('arch, ema', [('resnet', None), ('hierarchical', None),
+                                       ('hierarchical', 0.9)])
+def test_resume_equals_an_uninterrupted_run(tmp_path, arch, ema):
     """Two steps, a checkpoint, a new process's trainer restoring it, two more steps: the
-    weights of four uninterrupted steps (batch norm statistics, optimizer, step and counters)."""
-    options = dict(arch=arch, **TINY_NET, kl_warmup=3, free_bits=0.1, skip_threshold=1e6)
+    weights of four uninterrupted steps (batch norm statistics, optimizer and --ema's average,
+    step and counters)."""
+    options = dict(arch=arch, **TINY_NET, kl_warmup=3, free_bits=0.1, skip_threshold=1e6, ema=ema)
     batches = [_batch(i) for i in range(4)]
     whole = _trainer(tmp_path, 'whole', **options)
     for x in batches:
@@ -309,6 +299,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, arch):
     assert int(second.step.numpy()) == 2
     for x in batches[2:]:
         second.train_step(x)
+    for a, b in zip(whole.optimizer.variables, second.optimizer.variables):  # the average too
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
     for a, b in zip(whole.vae.weights, second.vae.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(second.skipped_updates.numpy()) == int(whole.skipped_updates.numpy()) == 0

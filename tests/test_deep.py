@@ -16,20 +16,9 @@ import losses
 import models
 import run_folder
 import trainer as training
-from conftest import REPO, run, trained_run
+from conftest import REPO, random_batch as _batch, run, tiny_trainer as _trainer, trained_run
 
 TINY_NET = dict(width=4, depth=1)
-
-
-def _trainer(tmp_path, name, **kwargs):
-    config = settings.Config(model='optimal', batch_size=8, z_dim=4, seed=3, channels=1,
-                             output_dir=str(tmp_path), experiment_name=name, **kwargs)
-    config.check()
-    return training.Trainer(config)
-
-
-def _batch(seed):
-    return tf.constant(np.random.default_rng(seed).uniform(-1, 1, (8, 28, 28, 1)), tf.float32)
 
 
 # ---- the posterior of the lower groups ------------------------------------------------------
@@ -79,26 +68,6 @@ def test_the_average_is_numpys_moving_average_of_the_trained_weights(tmp_path):
             np.testing.assert_allclose(v.numpy(), a, rtol=1e-5, atol=1e-6)
     for w, v in zip(trained, trainer.vae.trainable_variables):  # the trained weights are back
         np.testing.assert_array_equal(v.numpy(), w.astype(np.float32))
-
-
-def test_a_resume_with_the_average_equals_an_uninterrupted_run(tmp_path):
-    options = dict(arch='hierarchical', ema=0.9, **TINY_NET)
-    batches = [_batch(i) for i in range(4)]
-    whole = _trainer(tmp_path, 'whole', **options)
-    for x in batches:
-        whole.train_step(x)
-    first = _trainer(tmp_path, 'parts', **options)
-    for x in batches[:2]:
-        first.train_step(x)
-    first.save()
-    second = _trainer(tmp_path, 'parts', **options)
-    assert second.restore()
-    for x in batches[2:]:
-        second.train_step(x)
-    for a, b in zip(whole.optimizer.variables, second.optimizer.variables):  # the average too
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    for a, b in zip(whole.vae.weights, second.vae.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_evaluation_and_generation_use_the_average_and_say_so(image_folder, tmp_path, capsys):

@@ -603,7 +603,7 @@ def test_ctrl_c_while_a_command_starts_is_one_line(image_folder, tmp_path, comma
             'compare.py': ['--dataset', image_folder, '--output_dir', str(tmp_path)]}[command]
     env = {**os.environ, 'SIGMA_VAE_MARKS': '1'}
     for mark, delay in (('handler', 0.0), ('handler', 0.05), ('handler', 0.5), ('tensorflow', 0.0),
-                        ('tensorflow', 0.5)):
+                        ('tensorflow', 0.5), ('work', 0.0)):
         proc = subprocess.Popen([sys.executable, os.path.join(REPO, command)] + argv, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
