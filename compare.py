@@ -219,24 +219,37 @@ def quality_columns(networks, temperatures):
     return columns
 
 
+TIE = 0.02  # FIDs within 2% of each other: a network that cannot tell two runs apart
+
+
 def disagreements(results, networks):
     """Lines naming the pairs of runs that two feature networks rank differently by FID (t = 1),
-    under each prior; [] when they agree."""
+    under each prior: opposite orders, or one network separating what the other ties (FIDs
+    within TIE of each other); [] when they agree."""
+    def order(x, y):
+        return 0 if abs(x - y) <= TIE * min(x, y) else (1 if x > y else -1)
+
     lines = []
     for a, b in ((a, b) for i, a in enumerate(networks) for b in networks[i + 1:]):
         for prior, suffix in PRIORS.items():
             fids = [(r['name'], r.get(f'fid_{a}{suffix}'), r.get(f'fid_{b}{suffix}'))
                     for r in results]
             fids = [f for f in fids if f[1] is not None and f[2] is not None]
-            pairs = [(x, y) for i, x in enumerate(fids) for y in fids[i + 1:]
-                     if (x[1] - y[1]) * (x[2] - y[2]) < 0]
             where = 'N(0, I)' if prior == 'normal' else 'the mixture prior'
-            for x, y in pairs:
-                first, second = (x, y) if x[1] < y[1] else (y, x)
-                lines.append(f'- Under {where} the feature networks disagree on {first[0]} and '
-                             f'{second[0]}: {a} puts {first[0]} first ({first[1]:.2f} against '
-                             f'{second[1]:.2f}), {b} puts {second[0]} first ({second[2]:.2f} '
-                             f'against {first[2]:.2f}).')
+            for i, x in enumerate(fids):
+                for y in fids[i + 1:]:
+                    in_a, in_b = order(x[1], y[1]), order(x[2], y[2])
+                    if in_a == in_b:
+                        continue
+                    def says(net, k, o):
+                        if o == 0:
+                            return (f'{net} ties them ({x[k]:.2f} and {y[k]:.2f}: within '
+                                    f'{TIE:.0%})')
+                        first, second = (x, y) if o < 0 else (y, x)
+                        return f'{net} puts {first[0]} first ({first[k]:.2f} against {second[k]:.2f})'
+                    verb = 'disagree' if in_a * in_b < 0 else 'do not agree'
+                    lines.append(f'- Under {where} the feature networks {verb} on {x[0]} and '
+                                 f'{y[0]}: {says(a, 1, in_a)}, {says(b, 2, in_b)}.')
     return lines
 
 

@@ -204,6 +204,12 @@ def test_compare_says_where_the_feature_networks_disagree():
     # mixture both agree.
     assert lines == ['- Under N(0, I) the feature networks disagree on a and b: domain puts a '
                      'first (10.00 against 20.00), vgg puts b first (25.00 against 30.00).']
+    # FIDs within 2% are a tie: one network separating what the other ties is said too.
+    tied = [{'name': 'g', 'fid_domain': 21.887, 'fid_vgg': 14.20},
+            {'name': 'l', 'fid_domain': 21.892, 'fid_vgg': 12.76}]
+    assert compare.disagreements(tied, ['domain', 'vgg']) == [
+        '- Under N(0, I) the feature networks do not agree on g and l: domain ties them (21.89 '
+        'and 21.89: within 2%), vgg puts l first (12.76 against 14.20).']
     results[0]['fid_domain_t0.8'] = 7.0
     assert compare.best_temperature(results[0], 'fid_domain') == (0.8, 7.0)
     assert compare.best_temperature(results[0], 'fid_domain_gmm') == (1.0, 1.0)
