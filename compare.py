@@ -348,7 +348,9 @@ def compare(args):
         rows = run_folder.read_metrics(config.run_dir)
         result.update(group_summary(result), diverged=diverged,
                       skipped_updates=rows[-1].get('skipped_updates', 0) if rows else None)
-        results.append({'name': label, 'sweep_beta': sweep_beta, **result})
+        # The run folder as this process reaches it (a kept evaluation.json names it as the
+        # process that wrote it did, maybe relative to another working folder).
+        results.append({'name': label, 'sweep_beta': sweep_beta, **result, 'run': config.run_dir})
     write_outputs(args, results)
     print(markdown_table(results))
     print(f'compared {len(plan)} runs in {(time.time() - start) / 60:.1f} min; '

@@ -124,7 +124,7 @@ def run_command(prog, parse_args, work, argv=None):
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 1 if isinstance(e, RunFailed) else 2
     except OSError as e:
-        where = f'cannot write {e.filename}' if e.filename else 'a file could not be written'
+        where = e.filename if e.filename else 'a file could not be read or written'
         print(f'{prog}: error: {where}: {e.strerror or e}', file=sys.stderr)
         return 1
     except Exception:

@@ -152,9 +152,10 @@ def test_a_beta_of_one_is_the_gaussian_run_not_a_second_one():
         ('beta-VAE (beta=0.1)', 'gaussian', 0.1, 0.1), ('beta-VAE (beta=0.3)', 'gaussian', 0.3, None)]
 
 
-def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path, capsys):
+def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'cmp'
-    args = ['--dataset', image_folder, '--output_dir', str(out), '--max_steps', '2',
+    monkeypatch.chdir(tmp_path)  # --output_dir relative to where it runs
+    args = ['--dataset', image_folder, '--output_dir', 'cmp', '--max_steps', '2',
             '--batch_size', '8', '--z_dim', '4', '--iw_samples', '2', '--fid_samples', '4',
             '--models', 'sigma,logistic', '--beta_sweep', '0.1,1']
     assert compare.main(args) == 0
@@ -181,12 +182,19 @@ def test_compare_with_a_beta_sweep_end_to_end(image_folder, tmp_path, capsys):
     for figure in ('rate_distortion.png', 'fid_vs_beta.png'):
         assert Image.open(out / figure).size == (750, 500)
 
-    # Run again (as after an interruption): every evaluation of the same checkpoint with the
-    # same settings is kept; another setting evaluates again.
+    # Run again (as after an interruption), from another folder: every evaluation of the same
+    # checkpoint with the same settings is kept, its run folder found from here; another
+    # setting evaluates again.
     capsys.readouterr()
+    (tmp_path / 'elsewhere').mkdir()
+    monkeypatch.chdir(tmp_path / 'elsewhere')
+    args[args.index('cmp')] = str(out)
+    os.remove(out / 'samples.png')
     assert compare.main(args) == 0
     assert capsys.readouterr().out.count('with these settings: kept') == 4
-    assert json.load(open(out / 'results.json')) == results
+    again = json.load(open(out / 'results.json'))
+    assert [r.pop('run') for r in again] == [str(out / r.pop('run')[len('cmp/'):]) for r in results]
+    assert again == results and (out / 'samples.png').exists()
     assert compare.main(args[:-4] + ['--models', 'sigma', '--iw_samples', '3']) == 0
     assert '[1/1] sigma: evaluating' in capsys.readouterr().out
     assert json.load(open(out / 'sigma' / 'evaluation.json'))['iw_samples'] == 3
