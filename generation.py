@@ -210,7 +210,8 @@ def saved_model(vae, config):
     z_dim, data_range = vae.z_dim, config.data_range
     size, channels = config.image_size, config.channels
     archive = keras.export.ExportArchive()
-    archive.track(vae)
+    # Not archive.track(vae): the endpoints track the variables they use; tracking the Keras
+    # variables too would save every weight twice (the Keras variable and its tf.Variable).
 
     def decode_z(z):
         # The decoder gives images for NaN and inf too (NaN's like 0's): silently wrong ones.

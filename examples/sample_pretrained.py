@@ -25,6 +25,7 @@ def main(argv=None):
         p.error(f"{args.model} is not a SavedModel folder (no saved_model.pb)")
     if not 1 <= args.n <= 10000 or not 0 < args.temperature < 100:
         p.error('--n must be 1 to 10000 and --temperature above 0')
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up lines
     import numpy as np
     import tensorflow as tf
     from PIL import Image
