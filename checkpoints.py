@@ -17,9 +17,9 @@ import tensorflow as tf
 
 import config as settings
 import data
+import files
 import models
 import run_folder
-import files
 import utils
 from utils import UsageError
 

@@ -17,11 +17,11 @@ import checkpoints
 import config as settings
 import data
 import features
+import files
 import losses
 import models
 import priors
 import run_folder
-import files
 import utils
 from priors import PRIORS
 from utils import UsageError

@@ -12,10 +12,10 @@ import tensorflow as tf
 
 import checkpoints
 import data
+import files
 import image_folders
 import models
 import priors
-import files
 import utils
 from utils import UsageError
 

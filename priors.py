@@ -11,9 +11,9 @@ import numpy as np
 import tensorflow as tf
 
 import config as settings
+import files
 import models
 import run_folder
-import files
 from utils import UsageError
 
 

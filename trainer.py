@@ -18,12 +18,12 @@ import tensorflow as tf
 import checkpoints
 import config as settings
 import data
+import files
 import image_folders
 import losses
 import models
 import priors
 import run_folder
-import files
 import utils
 from checkpoints import Diverged
 from utils import UsageError

@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 import compare
-import models
 import losses
+import models
 from conftest import TINY, run
 import checkpoints
 import config as settings

@@ -15,9 +15,9 @@ from PIL import Image
 
 import data
 
+import files
 import image_folders
 import train
-import files
 from conftest import TINY, run
 import trainer as training
 

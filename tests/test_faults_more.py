@@ -16,11 +16,11 @@ from PIL import Image
 
 import compare
 import data
+import evaluate
+import files
 import models
 import run_folder
-import evaluate
 import train
-import files
 from conftest import TINY, run
 from test_faults import REPO, checkpoint_tensors, make_images, start, strict_rows, wait_for
 import checkpoints

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import config as settings
 import losses
 import models
-import config as settings
 from conftest import on_two_cpus
 import trainer as training
 
@@ -129,8 +129,8 @@ def test_evaluate_reports_the_test_elbo_and_bits_per_dim(tmp_path):
 
 # Runs on two logical CPUs (conftest.on_two_cpus).
 MIRRORED_FIT = r'''
-import models
 import config as settings
+import models
 
 x = np.random.default_rng(0).uniform(-1, 1, (8, 28, 28, 1)).astype('float32')
 result = {}

@@ -12,9 +12,9 @@ import tensorflow as tf
 from PIL import Image
 
 import data
+import files
 import generate
 import run_folder
-import files
 from conftest import TINY, run, trained_run
 import checkpoints
 import priors

@@ -15,11 +15,11 @@ from PIL import Image
 
 import compare
 import data
-import image_folders
 import evaluate
-import generate
-import run_folder
 import files
+import generate
+import image_folders
+import run_folder
 import utils
 from conftest import TINY, run, trained_run
 import checkpoints
