@@ -199,8 +199,9 @@ class Config:
     ema: Optional[float] = setting(
         None, 'keep an exponential moving average of the weights with this decay per step '
         '(e.g. 0.999; VDVAE: 0.9999); the test metrics, grids, evaluate.py, generate.py and the '
-        "export use it. Keras' average starts at the first step's weights, which keep a share "
-        'of DECAY^steps: give it many times 1/(1 - DECAY) steps', utils.number(float, 0.0, 0.999999999), resume=MODEL, metavar='DECAY')
+        'export use it. It warms up as TensorFlow\'s: the n-th step uses min(DECAY, '
+        '(1 + n)/(10 + n))', utils.number(float, 0.0, 0.999999999), resume=MODEL,
+        metavar='DECAY')
     log_sigma_min: Optional[float] = setting(
         -6.0, "soft lower bound of every learned or optimal log sigma (and the logistic's log "
         "scale); 'none' turns it off", _number_or_none, resume=OBJECTIVE)

@@ -336,6 +336,22 @@ class Adam(keras.optimizers.Adam):
             beta1=cast(self.beta_1), beta2=cast(self.beta_2), epsilon=cast(self.epsilon),
             grad=cast(gradient))
 
+    def _update_model_variables_moving_average(self, trainable_variables):
+        """--ema with a warm-up (TensorFlow's ExponentialMovingAverage with num_updates): the
+        n-th update (n = 0, 1, ...) uses the decay min(ema_momentum, (1 + n) / (10 + n)), and
+        the first copies the weights. Keras' own uses ema_momentum from the second update on,
+        so the first weights keep a share of ema_momentum^(steps - 1): 15% after 1,874 steps
+        at 0.999."""
+        if not self.use_ema:
+            return
+        n = tf.cast(self.iterations, tf.float32)
+        decay = tf.where(n > 0, tf.minimum(tf.cast(self.ema_momentum, tf.float32),
+                                           (1 + n) / (10 + n)), 0.0)
+        for variable, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                d = tf.cast(decay, variable.dtype)
+                average.assign(d * average + (1 - d) * variable)
+
 
 def make_optimizer(config):
     """Adam (Keras', fused: `Adam`) of a run's Config: its --lr, an exponential moving average

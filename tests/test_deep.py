@@ -54,14 +54,16 @@ def test_a_hierarchical_config_json_written_before_the_setting_is_the_residual_d
 # ---- the moving average of the weights ------------------------------------------------------
 
 def test_the_average_is_numpys_moving_average_of_the_trained_weights(tmp_path):
-    decay = 0.7
+    decay = 0.3
     trainer = _trainer(tmp_path, 'ema', arch='hierarchical', ema=decay, **TINY_NET)
     average = None
-    for i in range(4):
-        trainer.train_step(_batch(i))
+    for n in range(6):
+        trainer.train_step(_batch(n))
         trained = [v.numpy().astype(np.float64) for v in trainer.vae.trainable_variables]
-        # The first step's average is its weights; then avg = decay avg + (1 - decay) w.
-        average = trained if average is None else [decay * a + (1 - decay) * w
+        # The first step's average is its weights; then avg = d avg + (1 - d) w with
+        # TensorFlow's warm-up d = min(decay, (1 + n) / (10 + n)): 2/11, 3/12, then 0.3.
+        d = min(decay, (1 + n) / (10 + n))
+        average = trained if average is None else [d * a + (1 - d) * w
                                                    for a, w in zip(average, trained)]
     with models.averaged(trainer.vae, trainer.optimizer):
         for a, v in zip(average, trainer.vae.trainable_variables):
