@@ -321,7 +321,7 @@ def read_run(run_dir):
     return config
 
 
-def load_model(run_dir, batch_norm=True):
+def load_model(run_dir, batch_norm=True, average=True):
     """(config, vae, state) of a trained run, restored from its newest checkpoint that restores
     (a damaged newer one is skipped, said so and left as it is), for evaluation or generation:
     no optimizer, no training machinery. The one file it may write is its own: the recomputed
@@ -331,6 +331,8 @@ def load_model(run_dir, batch_norm=True):
     batch_norm: recompute batch norm's statistics under the restored weights over BN_BATCHES
     training batches (models.recompute_batch_norm) instead of using the checkpoint's moving
     averages, which lag the weights; False keeps the checkpoint's as they are.
+    average: with --ema, the moving average of the weights (the run's model); False: the
+    weights trained, whose batch norm statistics are recomputed and not stored.
     """
     config = read_run(run_dir)
     vae = models.make_vae(config)
@@ -343,22 +345,28 @@ def load_model(run_dir, batch_norm=True):
     state.path = Checkpoints(run_dir, restored).restore(write=False)
     if not state.path:
         raise UsageError(f'{run_dir} has no checkpoint')
-    if config.ema is not None:
+    if config.ema is not None and average:
         inner = restored['optimizer']
         getattr(inner, 'inner_optimizer', inner).finalize_variable_values(vae.trainable_variables)
         print(f'{run_dir}: the moving average of the weights (--ema {config.ema}) of '
               f'{os.path.basename(state.path)}', flush=True)
+    elif config.ema is not None:
+        print(f'{run_dir}: the weights trained (not their moving average, --ema {config.ema}) '
+              f'of {os.path.basename(state.path)}', flush=True)
+    stored = config.ema is None or average  # the run's model: its statistics are kept
     state.splits = data.load_run_data(config, config.data_fingerprint, config.channels)
     if state.splits.fingerprint != config.data_fingerprint:
         raise UsageError(settings.data_changed(run_dir, config.dataset, config.data_fingerprint,
                                                state.splits.fingerprint))
-    if batch_norm and not read_batch_norm(state.path, vae):
+    if batch_norm and not (stored and read_batch_norm(state.path, vae)):
         print(f"{run_dir}: recomputing batch norm's statistics for {os.path.basename(state.path)} "
-              f'over {BN_BATCHES} training batches (once: they are stored beside it)', flush=True)
+              f'over {BN_BATCHES} training batches'
+              + (' (once: they are stored beside it)' if stored else ''), flush=True)
         models.recompute_batch_norm(vae, data.make_pipeline(
             state.splits.train, config.image_size, config.batch_size, shuffle_seed=config.seed,
             data_range=config.data_range).take(BN_BATCHES), config.seed, BN_BATCHES)
-        write_batch_norm(state.path, vae)
+        if stored:
+            write_batch_norm(state.path, vae)
     return config, vae, state
 
 
