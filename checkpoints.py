@@ -24,7 +24,7 @@ import utils
 from utils import UsageError
 
 KEEP_CHECKPOINTS = 3  # the newest checkpoints kept; older ones are deleted as new ones are saved
-BN_BATCHES = 200  # training batches over which load_model recomputes batch norm's statistics
+STATISTICS_BATCHES = 200  # training batches over which load_model recomputes the statistics
 
 
 def checkpoint_dir(run_dir):
@@ -321,18 +321,19 @@ def read_run(run_dir):
     return config
 
 
-def load_model(run_dir, batch_norm=True, average=True):
+def load_model(run_dir, statistics=True, average=True):
     """(config, vae, state) of a trained run, restored from its newest checkpoint that restores
     (a damaged newer one is skipped, said so and left as it is), for evaluation or generation:
     no optimizer, no training machinery. The one file it may write is its own: the recomputed
-    batch norm statistics beside the checkpoint (below). state holds the checkpoint's path, step,
+    statistics beside the checkpoint (below). state holds the checkpoint's path, step,
     train_seconds and the run's data (splits).
 
-    batch_norm: recompute batch norm's statistics under the restored weights over BN_BATCHES
-    training batches (models.recompute_batch_norm) instead of using the checkpoint's moving
-    averages, which lag the weights; False keeps the checkpoint's as they are.
+    statistics: recompute the statistics that training keeps of the weights (batch norm's, the
+    likelihood's: models.recompute_statistics) under the restored weights over
+    STATISTICS_BATCHES training batches instead of using the checkpoint's moving averages,
+    which lag the weights; False keeps the checkpoint's as they are.
     average: with --ema, the moving average of the weights (the run's model); False: the
-    weights trained, whose batch norm statistics are recomputed and not stored.
+    weights trained, whose statistics are recomputed and not stored.
     """
     config = read_run(run_dir)
     vae = models.make_vae(config)
@@ -358,21 +359,29 @@ def load_model(run_dir, batch_norm=True, average=True):
     if state.splits.fingerprint != config.data_fingerprint:
         raise UsageError(settings.data_changed(run_dir, config.dataset, config.data_fingerprint,
                                                state.splits.fingerprint))
-    if batch_norm and not (stored and read_batch_norm(state.path, vae)):
-        print(f"{run_dir}: recomputing batch norm's statistics for {os.path.basename(state.path)} "
-              f'over {BN_BATCHES} training batches'
+    if statistics and not (stored and read_statistics(state.path, vae)):
+        print(f"{run_dir}: recomputing batch norm's and the likelihood's statistics for "
+              f'{os.path.basename(state.path)} over {STATISTICS_BATCHES} training batches'
               + (' (once: they are stored beside it)' if stored else ''), flush=True)
-        models.recompute_batch_norm(vae, data.make_pipeline(
-            state.splits.train, config.image_size, config.batch_size, shuffle_seed=config.seed,
-            data_range=config.data_range).take(BN_BATCHES), config.seed, BN_BATCHES)
+        models.recompute_statistics(vae, statistics_batches(config, state.splits), config.seed,
+                                    STATISTICS_BATCHES)
         if stored:
-            write_batch_norm(state.path, vae)
+            write_statistics(state.path, vae)
     return config, vae, state
 
 
-# ---- batch norm's statistics recomputed for a checkpoint, stored beside it ------------------
+# ---- the statistics recomputed for a checkpoint, stored beside it --------------------------
 
-BN_SUFFIX = '.batch_norm.npz'  # ckpt-<step>.batch_norm.npz
+STATISTICS_SUFFIX = '.statistics.npz'  # ckpt-<step>.statistics.npz
+OLD_SUFFIXES = ('.batch_norm.npz',)  # earlier versions' (batch norm's only): never read
+
+
+def statistics_batches(config, splits):
+    """The training batches over which a run's statistics are recomputed: the first
+    STATISTICS_BATCHES of its training split shuffled with its seed."""
+    return data.make_pipeline(splits.train, config.image_size, config.batch_size,
+                              shuffle_seed=config.seed,
+                              data_range=config.data_range).take(STATISTICS_BATCHES)
 
 
 def _index_digest(path):
@@ -382,46 +391,42 @@ def _index_digest(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def read_batch_norm(path, vae):
-    """Sets the VAE's batch norm statistics to those stored for checkpoint `path` (see
+def read_statistics(path, vae):
+    """Sets the VAE's statistics (models.statistics) to those stored for checkpoint `path` (see
     load_model); False (nothing set) if there are none, or they belong to another checkpoint,
-    another number of batches or other layers."""
+    another number of batches or other variables."""
+    variables = models.statistics(vae)
     try:
-        with np.load(path + BN_SUFFIX, allow_pickle=False) as f:
+        with np.load(path + STATISTICS_SUFFIX, allow_pickle=False) as f:
             stored = {k: f[k] for k in f.files}
-        layers = models.batch_norm_layers(vae)
-        values = [stored[f'{i}_{name}'] for i in range(len(layers)) for name in ('mean', 'var')]
+        values = [stored[str(i)] for i in range(len(variables))]
         fits = (str(stored['index_sha256']) == _index_digest(path)
-                and int(stored['batches']) == BN_BATCHES and len(stored) == 2 * len(layers) + 2
-                and all(v.shape == tuple(w.shape) for v, w in zip(values, _moments(layers))))
+                and int(stored['batches']) == STATISTICS_BATCHES
+                and len(stored) == len(variables) + 2
+                and all(v.shape == tuple(w.shape) for v, w in zip(values, variables)))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return False
     if fits:
-        for variable, value in zip(_moments(layers), values):
+        for variable, value in zip(variables, values):
             variable.assign(value)
     return fits
 
 
-def write_batch_norm(path, vae):
-    """Stores the VAE's batch norm statistics beside checkpoint `path`, atomically, for
-    read_batch_norm; a folder that cannot be written (read-only) keeps none, silently."""
-    layers = models.batch_norm_layers(vae)
-    arrays = {f'{i}_{name}': np.asarray(v) for i, layer in enumerate(layers)
-              for name, v in (('mean', layer.moving_mean), ('var', layer.moving_variance))}
+def write_statistics(path, vae):
+    """Stores the VAE's statistics beside checkpoint `path`, atomically, for read_statistics;
+    a folder that cannot be written (read-only) keeps none, silently."""
+    arrays = {str(i): np.asarray(v) for i, v in enumerate(models.statistics(vae))}
     try:
-        files.save_npz(path + BN_SUFFIX, index_sha256=np.array(_index_digest(path)),
-                       batches=np.array(BN_BATCHES), **arrays)
+        files.save_npz(path + STATISTICS_SUFFIX, index_sha256=np.array(_index_digest(path)),
+                       batches=np.array(STATISTICS_BATCHES), **arrays)
     except OSError:
         pass
-
-
-def _moments(layers):
-    return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
 
 
 def remove_orphan_statistics(directory):
     """Deletes the stored statistics of checkpoints that are gone (rotated out, set aside)."""
     for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        if name.endswith(BN_SUFFIX) and not os.path.exists(
-                os.path.join(directory, name[:-len(BN_SUFFIX)] + '.index')):
-            os.remove(os.path.join(directory, name))
+        for suffix in (STATISTICS_SUFFIX, *OLD_SUFFIXES):
+            if name.endswith(suffix) and not os.path.exists(
+                    os.path.join(directory, name[:-len(suffix)] + '.index')):
+                os.remove(os.path.join(directory, name))

@@ -392,6 +392,11 @@ class Likelihood(keras.layers.Layer):
         values, log_sigma = self.nll_values(x, params, True, global_mean)
         return values, per_image_sum(values), per_image_mean(log_sigma + tf.zeros_like(x))
 
+    def fit_statistics(self, batches):
+        """Sets the running statistics this likelihood keeps in training (none here) to their
+        averages over `batches`, pairs (x, params) of training images and the decoder's output
+        under the weights to evaluate (models.recompute_statistics)."""
+
     def test_terms(self, x, params):
         """Evaluation: (-log p(x|z) (B,), -log P(8-bit x|z) (B,), log sigma (B,)), in nats."""
         values, log_sigma = self.nll_values(x, params)
@@ -494,7 +499,8 @@ class OptimalSigma(Gaussian):
     The gradient flows through sigma*; at the optimum dL/dsigma = 0, so stopping it would
     give the network the same gradient. Evaluation uses a debiased exponential moving
     average of the training batches' sigma*^2 (0.99 a step): a likelihood must not look at
-    the test image to choose its sigma.
+    the test image to choose its sigma. A loaded model recomputes it under the weights it
+    evaluates (`fit_statistics`): the moving average of the weights (--ema) has another MSE.
     """
     decay = 0.99
 
@@ -514,11 +520,22 @@ class OptimalSigma(Gaussian):
         if not training:
             w = self.sigma2_weight
             return tf.where(w > 0, 0.5 * tf.math.log(self.sigma2_avg / tf.maximum(w, 1e-12)), 0.0)
-        log_sigma = clip_log_sigma(self.batch_log_sigma(x, params, global_mean), self.log_sigma_min)
-        sigma2 = global_mean(per_image_mean(tf.exp(2.0 * log_sigma) + tf.zeros_like(x)))
+        log_sigma, sigma2 = self.batch_sigma(x, params, global_mean)
         self.sigma2_avg.assign(self.decay * self.sigma2_avg + (1 - self.decay) * sigma2)
         self.sigma2_weight.assign(self.decay * self.sigma2_weight + (1 - self.decay))
         return log_sigma
+
+    def batch_sigma(self, x, params, global_mean):
+        """The batch's clipped log sigma* (broadcastable to x) and its mean sigma*^2."""
+        log_sigma = clip_log_sigma(self.batch_log_sigma(x, params, global_mean), self.log_sigma_min)
+        return log_sigma, global_mean(per_image_mean(tf.exp(2.0 * log_sigma) + tf.zeros_like(x)))
+
+    def fit_statistics(self, batches):
+        """The average sigma*^2 of the batches, with weight 1 (the debiased average's)."""
+        sigma2 = [float(self.batch_sigma(x, params, tf.reduce_mean)[1]) for x, params in batches]
+        if sigma2:
+            self.sigma2_avg.assign(sum(sigma2) / len(sigma2))
+            self.sigma2_weight.assign(1.0)
 
 
 class OptimalImageSigma(OptimalSigma):

@@ -365,19 +365,24 @@ def make_optimizer(config):
 
 
 @contextlib.contextmanager
-def averaged(vae, optimizer):
+def averaged(vae, optimizer, batches=None, seed=0, total=None):
     """Within the block, the VAE's trainable weights are the optimizer's moving average of them
-    (--ema); the weights trained are put back after it. Nothing changes without one."""
+    (--ema), and with `batches` (training images) the statistics that training keeps of the
+    weights are recomputed for the average (`recompute_statistics`); all are put back after it.
+    Nothing changes without an average."""
     inner = getattr(optimizer, 'inner_optimizer', optimizer)
     if not inner.use_ema:
         yield
         return
-    trained = [v.numpy() for v in vae.trainable_variables]
+    kept = vae.trainable_variables + (statistics(vae) if batches is not None else [])
+    values = [v.numpy() for v in kept]
     inner.finalize_variable_values(vae.trainable_variables)
     try:
+        if batches is not None:
+            recompute_statistics(vae, batches, seed, total)
         yield
     finally:
-        for variable, value in zip(vae.trainable_variables, trained):
+        for variable, value in zip(kept, values):
             variable.assign(value)
 
 
@@ -441,26 +446,41 @@ def batch_norm_layers(vae):
                 .values())
 
 
-def recompute_batch_norm(vae, batches, seed=0, total=None):
-    """Precise BN (Wu and Johnson 2021, "Rethinking 'Batch' in BatchNorm"): sets the moving mean
-    and variance of every batch norm layer to their averages over `batches` (B, S, S, C) of
-    training images under the current weights, z sampled as in training (`total`: their
-    number, for the progress bar).
+def statistics(vae):
+    """The variables that training keeps as running statistics of the weights, in a fixed
+    order: batch norm's moving mean and variance, then the likelihood's (`optimal`'s average
+    sigma*^2)."""
+    return ([v for layer in batch_norm_layers(vae) for v in (layer.moving_mean,
+                                                             layer.moving_variance)]
+            + list(vae.likelihood.non_trainable_variables))
 
-    The moving averages that training keeps (decay 0.999, the original's) describe the weights
-    of the last ~1000 steps, not the final ones; evaluation with them can be far off (see
-    README). Each layer reads `momentum` when it is called, so momentum k / (k + 1) on the k-th
-    batch (from 0) makes its update the running average of the batches' statistics.
+
+def recompute_statistics(vae, batches, seed=0, total=None):
+    """Sets `statistics` to their averages over `batches` (B, S, S, C) of training images under
+    the current weights, z sampled as in training (`total`: their number, for the progress bar).
+
+    Training keeps them as moving averages (batch norm 0.999 a step, the original's; `optimal`
+    0.99) of the weights of the last steps, not of the final ones or of their average (--ema):
+    evaluation with them can be far off (see README). First Precise BN (Wu and Johnson 2021,
+    "Rethinking 'Batch' in BatchNorm"): each layer reads `momentum` when it is called, so
+    momentum k / (k + 1) on the k-th batch (from 0) makes its update the running average of the
+    batches' statistics. Then, with batch norm's new statistics, the likelihood's
+    (losses.Likelihood.fit_statistics), in a second pass only if it keeps any.
     """
     norms = batch_norm_layers(vae)
     momentum = [layer.momentum for layer in norms]
+    noise = lambda x, k: tf.random.stateless_normal((tf.shape(x)[0], vae.z_dim), seed=[seed, k])
     try:
         for k, x in enumerate(utils.progress(batches, desc="batch norm's statistics",
                                              unit='batch', total=total, leave=False)):
             for layer in norms:
                 layer.momentum = k / (k + 1)
-            vae(x, tf.random.stateless_normal((tf.shape(x)[0], vae.z_dim), seed=[seed, k]),
-                training=True)
+            vae(x, noise(x, k), training=True)
     finally:
         for layer, m in zip(norms, momentum):
             layer.momentum = m
+    if vae.likelihood.non_trainable_variables:
+        vae.likelihood.fit_statistics(
+            (x, vae(x, noise(x, k))[0]) for k, x in enumerate(utils.progress(
+                batches, desc="the likelihood's statistics", unit='batch', total=total,
+                leave=False)))

@@ -222,14 +222,14 @@ class Trainer:
     def write_images(self, recon_inputs):
         """The 10x10 grids of prior samples (the fixed z) and of test images beside their
         reconstructions, as PNGs named by step and as TensorBoard images (images/samples,
-        images/reconstructions) when a default summary writer is set."""
+        images/reconstructions) when a default summary writer is set; of the weights as they
+        are (the caller puts in the average with --ema: models.averaged)."""
         step = int(self.step.numpy())
         folder = os.path.join(self.config.run_dir, run_folder.IMAGES)
         os.makedirs(folder, exist_ok=True)
         data_range = self.config.data_range
-        with models.averaged(self.vae, self.optimizer):  # with --ema, the weights' average
-            samples = data.to_uint8(self.vae.decode(self.prior_z), data_range)
-            recons = data.to_uint8(self.vae.reconstruct(recon_inputs), data_range)
+        samples = data.to_uint8(self.vae.decode(self.prior_z), data_range)
+        recons = data.to_uint8(self.vae.reconstruct(recon_inputs), data_range)
         pairs = utils.side_by_side(data.to_uint8(recon_inputs, data_range), recons)
         for name, images in (('samples', samples), ('reconstructions', pairs)):
             grid = utils.image_grid(images, 10, 10)
@@ -448,7 +448,8 @@ class Loop:
                 self.bar.set_postfix({k: f'{v:.4g}' for k, v in trainer.train_means().items()
                                       if k in ('loss', 'rec', 'kl', 'log_sigma')})
             if step % config.sample_every == 0 and trainer.chief:
-                trainer.write_images(self.recon_inputs)
+                with models.averaged(trainer.vae, trainer.optimizer):  # with --ema (as trained)
+                    trainer.write_images(self.recon_inputs)
             if save:
                 self.clock.stop()
                 with self.interrupts.held():  # an epoch's end is evaluated and saved whole
@@ -495,12 +496,16 @@ class Loop:
             row.update({'train_' + k: v for k, v in trainer.train_means().items()})
             if self.config.skip_threshold is not None or int(trainer.skipped_updates.numpy()):
                 row['skipped_updates'] = int(trainer.skipped_updates.numpy())
-            with models.averaged(trainer.vae, trainer.optimizer):  # with --ema, the average
+            # With --ema the average, and the statistics of training recomputed for it (as
+            # evaluate.py's): optimal's sigma and batch norm's of the weights trained are not its.
+            with models.averaged(trainer.vae, trainer.optimizer,
+                                 checkpoints.statistics_batches(self.config, self.splits),
+                                 self.config.seed, checkpoints.STATISTICS_BATCHES):
                 row.update(trainer.vae.test_metrics(self.test_ds, self.config.seed))
+                trainer.write_images(self.recon_inputs)
             for key, value in row.items():
                 if key.startswith('test_'):
                     tf.summary.scalar('test/' + key[5:], value, step=step)
-            trainer.write_images(self.recon_inputs)
             run_folder.append_row(self.config.run_dir, row)
             trainer.reset_train_means()
             self.row = row

@@ -81,12 +81,12 @@ def test_evaluation_and_generation_use_the_average_and_say_so(image_folder, tmp_
     with models.averaged(trainer.vae, trainer.optimizer):
         expected = [v.numpy() for v in trainer.vae.trainable_variables]
     trained = [v.numpy() for v in trainer.vae.trainable_variables]
-    _, vae, _ = checkpoints.load_model(str(run_dir), batch_norm=False)
+    _, vae, _ = checkpoints.load_model(str(run_dir), statistics=False)
     assert 'the moving average of the weights (--ema 0.5) of ckpt-3' in capsys.readouterr().out
     for a, v in zip(expected, vae.trainable_variables):
         np.testing.assert_array_equal(v.numpy(), a)
-    # The weights trained, on request (benchmarks/ema_vs_trained.py): their batch norm
-    # statistics are recomputed but not stored, since the file beside ckpt-3 is the average's.
+    # The weights trained, on request (benchmarks/ema_vs_trained.py): their statistics are
+    # recomputed but not stored, since the file beside ckpt-3 would be the average's.
     before = sorted(os.listdir(run_dir / 'checkpoints'))
     _, vae, _ = checkpoints.load_model(str(run_dir), average=False)
     assert 'the weights trained (not their moving average, --ema 0.5) of ckpt-3' in (
@@ -101,6 +101,27 @@ def test_evaluation_and_generation_use_the_average_and_say_so(image_folder, tmp_
                 '--sample_every', '2', '--seed', '1']) == 2
     assert '--ema 0.5, not 0.9' in capsys.readouterr().err
     assert json.load(open(run_dir / 'config.json'))['ema'] == 0.5
+
+
+def test_the_epoch_end_evaluates_the_average_as_evaluate_does(image_folder, tmp_path):
+    # optimal's sigma for evaluation is a running average of the training batches' sigma*, of
+    # the weights trained; the average of the weights has another MSE. The metrics row, like
+    # load_model, recomputes it (and batch norm's statistics) for the average.
+    import data
+    run_dir = trained_run(tmp_path, image_folder, 'o', '--model', 'optimal', '--ema', '0.5',
+                          '--max_steps', '3')
+    row = [json.loads(line) for line in open(run_dir / 'metrics.jsonl')][-1]
+    config, vae, state = checkpoints.load_model(str(run_dir))
+    test_ds = data.make_pipeline(state.splits.test, config.image_size, config.batch_size,
+                                 drop_remainder=False, data_range=config.data_range)
+    evaluated = vae.test_metrics(test_ds, config.seed)
+    for key in ('test_log_sigma', 'test_neg_elbo', 'test_mse', 'test_bits_per_dim_discrete'):
+        np.testing.assert_allclose(row[key], evaluated[key], rtol=1e-5, err_msg=key)
+    trainer = training.Trainer(run_folder.read_config(str(run_dir)))
+    trainer.restore()  # the sigma that training kept, of the weights trained
+    likelihood = trainer.vae.likelihood
+    kept = 0.5 * np.log(likelihood.sigma2_avg.numpy() / likelihood.sigma2_weight.numpy())
+    assert abs(kept - row['test_log_sigma']) > 1e-3
 
 
 # ---- sampling temperature -------------------------------------------------------------------
@@ -149,8 +170,9 @@ def test_batch_norm_statistics_are_recomputed_once_per_checkpoint(image_folder, 
     run_dir = trained_run(tmp_path, image_folder, 'b', '--max_steps', '2')
     capsys.readouterr()
     _, first, _ = checkpoints.load_model(str(run_dir))
-    assert "recomputing batch norm's statistics for ckpt-2" in capsys.readouterr().out
-    stored = run_dir / 'checkpoints' / ('ckpt-2' + checkpoints.BN_SUFFIX)
+    assert "recomputing batch norm's and the likelihood's statistics for ckpt-2" in (
+        capsys.readouterr().out)
+    stored = run_dir / 'checkpoints' / ('ckpt-2' + checkpoints.STATISTICS_SUFFIX)
     assert stored.exists()
     _, second, _ = checkpoints.load_model(str(run_dir))
     assert 'recomputing' not in capsys.readouterr().out

@@ -194,7 +194,7 @@ def test_load_model_skips_a_damaged_newest_checkpoint_and_leaves_it(trained, tmp
     assert state.path == str(run_dir / 'checkpoints' / 'ckpt-5') and int(state.step.numpy()) == 5
     assert 'skipped checkpoint' in capsys.readouterr().err
     after = files_under(run_dir)  # all there, and only its batch norm statistics added
-    assert set(after) - set(files) <= {'checkpoints/ckpt-5' + checkpoints.BN_SUFFIX}
+    assert set(after) - set(files) <= {'checkpoints/ckpt-5' + checkpoints.STATISTICS_SUFFIX}
     assert set(files) <= set(after)
 
 

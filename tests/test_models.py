@@ -58,8 +58,8 @@ def test_zero_one_range_uses_a_sigmoid_output():
     assert vae.decoder.layers[-1].activation.__name__ == 'sigmoid'
 
 
-def test_recompute_batch_norm_averages_the_batch_statistics_under_the_current_weights():
-    vae = models.network_vae(28, 1, 3, losses.Gaussian((-1, 1)))
+def test_recompute_statistics_averages_the_batch_statistics_under_the_current_weights():
+    vae = models.network_vae(28, 1, 3, losses.OptimalSigma((-1, 1)))
     rng = np.random.default_rng(0)
     batches = [tf.constant(rng.uniform(-1, 1, (16, 28, 28, 1)), tf.float32) for _ in range(3)]
     conv, norm = vae.encoder.layers[1], vae.encoder.layers[2]
@@ -69,11 +69,26 @@ def test_recompute_batch_norm_averages_the_batch_statistics_under_the_current_we
     mean = np.mean([a.mean(axis=(0, 1, 2)) for a in inputs], axis=0)
     variance = np.mean([a.var(axis=(0, 1, 2)) for a in inputs], axis=0)
     decoder_norm = [l for l in vae.decoder.layers if isinstance(l, tf.keras.layers.BatchNormalization)][0]
-    models.recompute_batch_norm(vae, batches)
+    models.recompute_statistics(vae, batches, seed=5)
     np.testing.assert_allclose(norm.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(norm.moving_variance.numpy(), variance, rtol=1e-4, atol=1e-6)
     assert not np.allclose(decoder_norm.moving_variance.numpy(), 1.0)  # the decoder's too
     assert norm.momentum == decoder_norm.momentum == networks.BN_MOMENTUM  # restored
+    # Then optimal's sigma*^2: the mean over the batches of each one's MSE, soft-clipped as in
+    # training, under the new batch norm statistics, z drawn as in training from (seed, k).
+    mse = []
+    for k, x in enumerate(batches):
+        eps = tf.random.stateless_normal((16, 3), seed=[5, k])
+        mu, log_var = (t.numpy().astype(np.float64) for t in vae.encoder(x, training=False))
+        z = mu + np.exp(0.5 * log_var) * eps.numpy()
+        x_hat = vae.decoder(tf.constant(z, tf.float32), training=False).numpy()
+        mse.append(np.mean((x.numpy().astype(np.float64) - x_hat) ** 2))
+    log_sigma = -6.0 + np.logaddexp(0.0, 0.5 * np.log(mse) + 6.0)  # softclip at -6
+    np.testing.assert_allclose(vae.likelihood.sigma2_avg.numpy(), np.mean(np.exp(2 * log_sigma)),
+                               rtol=1e-4)
+    assert abs(np.mean(np.exp(2 * log_sigma)) / np.mean(mse) - 1) > 1e-3  # the clip is seen
+    assert vae.likelihood.sigma2_weight.numpy() == 1.0
+    assert vae.likelihood.non_trainable_variables  # what models.statistics stores with them
 
 
 @pytest.mark.parametrize('shape', [(16, 7, 7, 8), (1, 1, 1, 3)])
