@@ -1,7 +1,7 @@
 """Samples from a shipped SavedModel (results/pretrained/) without training and without this
 project's code: only TensorFlow, NumPy and Pillow.
 
-python examples/sample_pretrained.py results/pretrained/sigma_fmnist --temperature 0.8
+python examples/sample_pretrained.py results/pretrained/optimal_fmnist --temperature 0.8
 
 Writes a grid of --n samples (z ~ N(0, I) drawn from --seed, each latent group's scaled by
 --temperature) to --out.
