@@ -3,10 +3,10 @@
 python benchmarks/ema_vs_trained.py output/hier10/optimal [more run folders] [--iw_samples 100] [--iw_images 1000]
 
 For each run folder that kept an average, loads its newest checkpoint twice (checkpoints.
-load_model: the average, then the weights trained; batch norm's statistics recomputed for each)
-and prints the test -ELBO's bits/dim of the 8-bit values, the IW estimate of them (K samples on
-the first images), the test MSE and the KL of each. Writes nothing but what evaluate.py would
-(the average's batch norm statistics beside its checkpoint).
+load_model: the average, then the weights trained; batch norm's statistics and `optimal`'s
+sigma recomputed for each) and prints the test -ELBO's bits/dim of the 8-bit values, the IW
+estimate of them (K samples on the first images), the test MSE and the KL of each. Writes
+nothing but what evaluate.py would (the average's statistics beside its checkpoint).
 """
 import argparse
 import math
@@ -35,7 +35,7 @@ def measure(run_dir, average, iw_samples, iw_images):
                                                         config.seed)
     iw_bits = losses.bits_per_dim(discrete, math.prod(vae.image_shape), 0.0)
     return (metrics['test_bits_per_dim_discrete'], iw_bits, metrics['test_mse'],
-                    metrics['test_kl'])
+            metrics['test_kl'])
 
 
 def main():

@@ -124,6 +124,17 @@ def test_the_epoch_end_evaluates_the_average_as_evaluate_does(image_folder, tmp_
     assert abs(kept - row['test_log_sigma']) > 1e-3
 
 
+def test_statistics_of_gone_checkpoints_are_deleted_in_either_format(tmp_path):
+    # Earlier versions stored batch norm's statistics alone as ckpt-N.batch_norm.npz: never
+    # read now, and deleted with their checkpoint like the present ckpt-N.statistics.npz.
+    for name in ('ckpt-2.index', 'ckpt-2.batch_norm.npz', 'ckpt-2.statistics.npz',
+                 'ckpt-1.batch_norm.npz', 'ckpt-1.statistics.npz', 'notes.npz'):
+        (tmp_path / name).write_bytes(b'x')
+    checkpoints.remove_orphan_statistics(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ['ckpt-2.batch_norm.npz', 'ckpt-2.index',
+                                            'ckpt-2.statistics.npz', 'notes.npz']
+
+
 # ---- sampling temperature -------------------------------------------------------------------
 
 def test_a_temperature_scales_each_groups_draw(image_folder, tmp_path):

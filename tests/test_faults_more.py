@@ -193,7 +193,7 @@ def test_load_model_skips_a_damaged_newest_checkpoint_and_leaves_it(trained, tmp
     _, _, state = checkpoints.load_model(str(run_dir))
     assert state.path == str(run_dir / 'checkpoints' / 'ckpt-5') and int(state.step.numpy()) == 5
     assert 'skipped checkpoint' in capsys.readouterr().err
-    after = files_under(run_dir)  # all there, and only its batch norm statistics added
+    after = files_under(run_dir)  # all there, and only its statistics added
     assert set(after) - set(files) <= {'checkpoints/ckpt-5' + checkpoints.STATISTICS_SUFFIX}
     assert set(files) <= set(after)
 
